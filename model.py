@@ -1,0 +1,455 @@
+"""The automodulator networks: a progressively grown encoder and an AdaIN-modulated decoder.
+
+Heljakka, Hou, Kannala, Solin, "Deep Automodulators", NeurIPS 2020 (Sec. 3.1, Fig. 2-3, A.1).
+Reference code: github.com/AaltoVision/automodulator (pioneer/model.py); where it differs from the
+paper, the paper is the default here and the authors' choice is a ModelConfig switch
+(`ModelConfig(**AUTHORS)` gives all of them; README has the table).
+
+Blocks are indexed by level i = 0, 1, 2, ... at resolution 4 * 2**i in both networks. Every level up
+to max_res exists from construction; the current resolution `res` and fade-in `alpha` are inputs.
+Latents are (B, nz) on the unit sphere, or (B, n_blocks, nz) to drive each decoder block with its own.
+"""
+import math
+import os
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.utils.parametrizations import spectral_norm
+
+# Channels per resolution, from the authors' code (reference doc 1.2-1.3). The encoder uses the
+# 'small' table for every data set; the 'large' decoder doubles the widths from 64x64 up.
+WIDTHS = {
+    'large': {4: 512, 8: 512, 16: 512, 32: 512, 64: 512, 128: 256, 256: 128, 512: 64, 1024: 32},
+    'small': {4: 512, 8: 512, 16: 512, 32: 512, 64: 256, 128: 128, 256: 64, 512: 32, 1024: 16},
+}
+ENCODER_WIDTHS = WIDTHS['small']
+
+
+@dataclass
+class ModelConfig:
+    max_res: int = 256          # last resolution, a power of two in 4..1024
+    nz: int = 512               # latent size (the paper's 512; tests use less)
+    arch: str = 'large'         # decoder widths: 'large' (FFHQ, LSUN) or 'small' (CelebA-HQ)
+    width: float = 1.0          # channel multiplier for both networks (CPU-sized models: 1/16)
+    residual: bool = True       # paper A.1 "residual blocks"; authors: plain conv stacks
+    encoder_blur: bool = True   # paper A.1 binomial filtering in the encoder; authors: none
+    block0_convs: int = 2       # paper: two convs per block; authors: one conv at 4x4
+    noise: str = 'channel'      # layer noise: 'channel' (authors), 'shared' (StyleGAN) or 'none'
+    adain_eps: float = 1e-8     # added to the variance in AdaIN; authors: 0
+    adain_unbiased: bool = False  # std with Bessel's correction, as the authors' torch.std
+
+    def __post_init__(self):
+        if self.max_res < 4 or self.max_res > 1024 or self.max_res & (self.max_res - 1):
+            raise ValueError(f'max_res must be a power of two in 4..1024, got {self.max_res}')
+        if self.arch not in WIDTHS:
+            raise ValueError(f"arch must be one of {sorted(WIDTHS)}, got {self.arch!r}")
+        if self.noise not in ('channel', 'shared', 'none'):
+            raise ValueError(f"noise must be 'channel', 'shared' or 'none', got {self.noise!r}")
+        if self.block0_convs not in (1, 2):
+            raise ValueError(f'block0_convs must be 1 or 2, got {self.block0_convs}')
+
+    @property
+    def n_blocks(self):
+        return int(math.log2(self.max_res)) - 1
+
+
+# Where the authors' code differs from the paper: ModelConfig(**AUTHORS, ...) rebuilds their nets.
+AUTHORS = dict(residual=False, encoder_blur=False, block0_convs=1, adain_eps=0.0, adain_unbiased=True)
+
+# The paper's groups at block granularity (Sec. 4.2): coarse 4-8, intermediate 16-32, fine 64+.
+GROUPS = {'coarse': (0, 2), 'intermediate': (2, 4), 'fine': (4, None)}
+
+
+def level(res, max_res):
+    """Resolution -> block index, with a ValueError for anything that is not a valid phase."""
+    if not isinstance(res, int) or res < 4 or res & (res - 1) or res > max_res:
+        raise ValueError(f'resolution must be a power of two in 4..{max_res}, got {res!r}')
+    return int(math.log2(res)) - 2
+
+
+def _width(table, res, mult):
+    return max(8, round(table[res] * mult))
+
+
+# ---------------------------------------------------------------------------------------------
+# Layers
+
+class EqualConv2d(nn.Module):
+    """Conv with equalized learning rate (Karras et al. 2018): N(0,1) weights scaled at run time."""
+
+    def __init__(self, cin, cout, k, padding=0):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(cout, cin, k, k))
+        self.bias = nn.Parameter(torch.zeros(cout))
+        self.scale = math.sqrt(2 / (cin * k * k))
+        self.padding = padding
+
+    def forward(self, x):
+        return F.conv2d(x, self.weight * self.scale, self.bias, padding=self.padding)
+
+
+class Blur(nn.Module):
+    """Binomial [1,2,1] x [1,2,1] / 16 filter, depthwise, size-preserving (StyleGAN's blur2d)."""
+
+    def __init__(self):
+        super().__init__()
+        k = torch.tensor([1., 2., 1.])
+        self.register_buffer('kernel', (k[:, None] * k[None, :] / 16)[None, None], persistent=False)
+
+    def forward(self, x):
+        c = x.shape[1]
+        return F.conv2d(x, self.kernel.expand(c, 1, 3, 3).to(x.dtype), padding=1, groups=c)
+
+
+class Noise(nn.Module):
+    """Gaussian layer noise times a learned per-channel scale that starts at 0."""
+
+    def __init__(self, channels, mode):
+        super().__init__()
+        self.mode = mode
+        self.scale = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x):
+        b, c, h, w = x.shape
+        # authors: a full B x C x H x W draw; StyleGAN: one map shared by all channels
+        shape = (b, c, h, w) if self.mode == 'channel' else (b, 1, h, w)
+        return x + self.scale[None, :, None, None] * torch.randn(shape, device=x.device, dtype=x.dtype)
+
+
+class AdaIN(nn.Module):
+    """Eq. 1: xi = sigma_i(z) * (chi - mean(chi)) / std(chi) + mu_i(z), with (sigma_i, mu_i) = g_i(z)."""
+
+    def __init__(self, channels, nz, eps, unbiased):
+        super().__init__()
+        self.style = nn.Linear(nz, 2 * channels)                 # g_i: z -> (scale, shift)
+        nn.init.xavier_normal_(self.style.weight)
+        nn.init.ones_(self.style.bias)                           # authors: bias 1 on both halves
+        self.eps, self.unbiased = eps, unbiased
+
+    def forward(self, x, z):
+        c = x.shape[1]
+        s = self.style(z)                                        # (B, 2C)
+        var, mean = torch.var_mean(x, dim=(2, 3), keepdim=True, correction=int(self.unbiased))
+        x = (x - mean) * torch.rsqrt(var + self.eps)
+        return s[:, :c, None, None] * x + s[:, c:, None, None]
+
+
+class ModLayer(nn.Module):
+    """One decoder layer #i: conv3x3 -> [blur] -> [noise] -> LeakyReLU(0.2) -> AdaIN(g_i(z))."""
+
+    def __init__(self, cin, cout, cfg, blur, noise):
+        super().__init__()
+        self.conv = EqualConv2d(cin, cout, 3, padding=1)
+        self.blur = Blur() if blur else None
+        self.noise = Noise(cout, cfg.noise) if noise and cfg.noise != 'none' else None
+        self.adain = AdaIN(cout, cfg.nz, cfg.adain_eps, cfg.adain_unbiased)
+
+    def forward(self, x, z, noise=True):
+        x = self.conv(x)
+        if self.blur is not None:
+            x = self.blur(x)
+        if self.noise is not None and noise:
+            x = self.noise(x)
+        return self.adain(F.leaky_relu(x, 0.2), z)
+
+
+class DecoderBlock(nn.Module):
+    """Level i: [2x nearest upsampling] and two modulated layers, both driven by the same latent."""
+
+    def __init__(self, cin, cout, cfg, first):
+        super().__init__()
+        self.up = not first
+        n_convs = cfg.block0_convs if first else 2
+        # blur after the upsampling conv only; no noise at 4x4 (both as the authors; paper silent)
+        self.layers = nn.ModuleList([ModLayer(cin if k == 0 else cout, cout, cfg, blur=self.up and k == 0,
+                                              noise=self.up) for k in range(n_convs)])
+        # residual form of StyleGAN2: (main + skip) / sqrt(2), on levels that change resolution
+        self.skip = None
+        if cfg.residual and self.up:
+            self.skip = EqualConv2d(cin, cout, 1) if cin != cout else nn.Identity()
+
+    def forward(self, x, z, noise=True):
+        if self.up:
+            x = F.interpolate(x, scale_factor=2, mode='nearest')
+        h = x
+        for layer in self.layers:
+            h = layer(h, z, noise)
+        if self.skip is not None:
+            h = (h + self.skip(x)) * (1 / math.sqrt(2))
+        return h
+
+
+class EncoderBlock(nn.Module):
+    """Level i > 0: two SN-conv3x3 + LeakyReLU(0.2), [binomial filter], 2x2 average pooling.
+    Level 0: SN-conv3x3 + LeakyReLU(0.2), then a 4x4 valid SN-conv to the latent (no activation)."""
+
+    def __init__(self, cin, cout, cfg, last):
+        super().__init__()
+        self.last = last
+        self.conv1 = spectral_norm(nn.Conv2d(cin, cin if last else cout, 3, padding=1))
+        self.conv2 = spectral_norm(nn.Conv2d(cin, cout, 4) if last else nn.Conv2d(cout, cout, 3, padding=1))
+        self.blur = Blur() if cfg.encoder_blur and not last else None
+        self.skip = None
+        if cfg.residual and not last:
+            self.skip = spectral_norm(nn.Conv2d(cin, cout, 1)) if cin != cout else nn.Identity()
+
+    def forward(self, x):
+        h = F.leaky_relu(self.conv1(x), 0.2)
+        if self.last:
+            return self.conv2(h)                                  # (B, nz, 1, 1)
+        h = F.leaky_relu(self.conv2(h), 0.2)
+        if self.blur is not None:
+            h = self.blur(h)
+        h = F.avg_pool2d(h, 2)
+        if self.skip is not None:
+            h = (h + self.skip(F.avg_pool2d(x, 2))) * (1 / math.sqrt(2))
+        return h
+
+
+def _init_sn_convs(module):
+    # authors: kaiming-normal weights and zero bias under the spectral norm
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d) and hasattr(m, 'parametrizations'):
+            nn.init.kaiming_normal_(m.parametrizations.weight.original)
+            nn.init.zeros_(m.bias)
+
+
+# ---------------------------------------------------------------------------------------------
+# Networks
+
+class Decoder(nn.Module):
+    """theta: a constant 4x4 canvas xi_0, then blocks theta_i(xi_{i-1}, z_i) (Sec. 3.1, Fig. 3b)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.n_blocks = cfg.n_blocks
+        ch = [_width(WIDTHS[cfg.arch], 4 * 2 ** i, cfg.width) for i in range(self.n_blocks)]
+        # xi_0: a fixed all-ones canvas (paper: "constant input"; authors: ones, not learned)
+        self.register_buffer('const', torch.ones(1, ch[0], 4, 4), persistent=False)
+        self.blocks = nn.ModuleList(
+            [DecoderBlock(ch[max(i - 1, 0)], ch[i], cfg, first=i == 0) for i in range(self.n_blocks)])
+        self.to_rgb = nn.ModuleList([nn.Conv2d(c, 3, 1) for c in ch])   # no output nonlinearity
+
+    def latents(self, z):
+        """(B, nz) or (B, n_blocks, nz) -> (B, n_blocks, nz), checking the shape."""
+        nz = self.cfg.nz
+        if z.dim() == 2 and z.shape[1] == nz:
+            return z[:, None].expand(-1, self.n_blocks, -1)
+        if z.dim() == 3 and z.shape[1:] == (self.n_blocks, nz):
+            return z
+        raise ValueError(f'latent must be (B, {nz}) or (B, {self.n_blocks}, {nz}) per block, '
+                         f'got {tuple(z.shape)}')
+
+    def canvas(self, z, j, noise=True):
+        """xi_j: the output of blocks [0, j) (Eq. 5's theta_{1:j}(xi_0, z)), at res 4 * 2**(j-1)."""
+        if not 1 <= j <= self.n_blocks:
+            raise ValueError(f'canvas index j must be in 1..{self.n_blocks}, got {j}')
+        zs = self.latents(z)
+        x = self.const.expand(zs.shape[0], -1, -1, -1)
+        for i in range(j):
+            x = self.blocks[i](x, zs[:, i], noise)
+        return x
+
+    def forward(self, z, res, alpha=1.0, noise=True, canvas=None, start=0):
+        """Decode to (B, 3, res, res) in about [-1, 1]; continue from `canvas` = xi_start if given.
+
+        While alpha < 1 the new level fades in: (1 - alpha) * up2(toRGB_{n-1}) + alpha * toRGB_n.
+        """
+        n = level(res, self.cfg.max_res)
+        zs = self.latents(z)
+        if canvas is None:
+            if start != 0:
+                raise ValueError(f'start={start} needs the canvas xi_{start}')
+            x = self.const.expand(zs.shape[0], -1, -1, -1)
+        else:
+            if not 1 <= start <= n:
+                raise ValueError(f'start must be in 1..{n} at {res}x{res}, got {start}')
+            want = (zs.shape[0], self.blocks[start - 1].layers[-1].adain.style.out_features // 2,
+                    2 ** (start + 1), 2 ** (start + 1))
+            if tuple(canvas.shape) != want:
+                raise ValueError(f'canvas xi_{start} must be {want}, got {tuple(canvas.shape)}')
+            x = canvas
+        prev = x
+        for i in range(start, n + 1):
+            prev, x = x, self.blocks[i](x, zs[:, i], noise)
+        img = self.to_rgb[n](x)
+        if alpha < 1 and n > 0:
+            old = F.interpolate(self.to_rgb[n - 1](prev), scale_factor=2, mode='nearest')
+            img = torch.lerp(old, img, alpha)
+        return img
+
+    def used_parameters(self, res):
+        """The parameters that a decode at res (alpha = 1) uses: blocks 0..n and toRGB_n."""
+        n = level(res, self.cfg.max_res)
+        return [p for b in self.blocks[:n + 1] for p in b.parameters()] + list(self.to_rgb[n].parameters())
+
+
+class Encoder(nn.Module):
+    """phi: fromRGB at the input level, blocks down to 4x4, a 4x4 conv to nz, then L2-normalized."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        n = cfg.n_blocks
+        ch = [_width(ENCODER_WIDTHS, 4 * 2 ** i, cfg.width) for i in range(n)]
+        self.from_rgb = nn.ModuleList([nn.Conv2d(3, c, 1) for c in ch])  # plain 1x1, as the authors
+        self.blocks = nn.ModuleList(
+            [EncoderBlock(ch[i], cfg.nz if i == 0 else ch[i - 1], cfg, last=i == 0) for i in range(n)])
+        _init_sn_convs(self)
+
+    def forward(self, x, res, alpha=1.0):
+        """Images (B, 3, res, res) in [-1, 1] -> latents (B, nz) of unit norm.
+
+        While alpha < 1 the new level fades in after its pooling:
+        (1 - alpha) * fromRGB_{n-1}(avgpool(x)) + alpha * block_n(fromRGB_n(x)).
+        """
+        n = level(res, self.cfg.max_res)
+        if x.dim() != 4 or x.shape[1:] != (3, res, res):
+            raise ValueError(f'encoder at {res}x{res} takes images (B, 3, {res}, {res}), got {tuple(x.shape)}')
+        h = self.blocks[n](self.from_rgb[n](x))
+        if alpha < 1 and n > 0:
+            h = torch.lerp(self.from_rgb[n - 1](F.avg_pool2d(x, 2)), h, alpha)
+        for i in range(n - 1, -1, -1):
+            h = self.blocks[i](h)
+        return F.normalize(h.flatten(1), dim=1)
+
+    def used_parameters(self, res):
+        n = level(res, self.cfg.max_res)
+        return list(self.from_rgb[n].parameters()) + [p for b in self.blocks[:n + 1] for p in b.parameters()]
+
+
+# ---------------------------------------------------------------------------------------------
+# Latents: the prior and scale-specific mixing
+
+def sample_prior(n, nz=512, device=None, generator=None):
+    """z ~ N(0, I) projected onto the unit sphere, where encodings live (authors' 'sphere' noise)."""
+    return F.normalize(torch.randn(n, nz, device=device, generator=generator), dim=1)
+
+
+def block_range(spec, n_blocks):
+    """'coarse' | 'intermediate' | 'fine' | 'a:b' (block indices, b may be empty) -> range of blocks."""
+    if spec in GROUPS:
+        a, b = GROUPS[spec]
+    else:
+        try:
+            a, b = (int(t) if t.strip() else None for t in str(spec).split(':'))
+        except ValueError:
+            a = b = -1
+    b = n_blocks if b is None else b
+    if a is None or not 0 <= a < b <= n_blocks:
+        valid = ', '.join(f'{k} ({GROUPS[k][0]}:{GROUPS[k][1] or ""})' for k in GROUPS
+                          if GROUPS[k][0] < n_blocks)
+        raise ValueError(f'block range {spec!r} is not valid for {n_blocks} blocks (0..{n_blocks - 1}, '
+                         f'4x4 to {2 ** (n_blocks + 1)}x{2 ** (n_blocks + 1)}); use {valid} '
+                         f'or a:b with 0 <= a < b <= {n_blocks}')
+    return range(a, b)
+
+
+def mix_latents(z_a, z_b, blocks, n_blocks):
+    """Per-block latents (B, n_blocks, nz): z_b on `blocks` (a range or a spec), z_a elsewhere."""
+    if isinstance(blocks, str):
+        blocks = block_range(blocks, n_blocks)
+    if z_a.shape != z_b.shape or z_a.dim() != 2:
+        raise ValueError(f'z_a and z_b must both be (B, nz), got {tuple(z_a.shape)} and {tuple(z_b.shape)}')
+    use_b = torch.zeros(n_blocks, dtype=torch.bool, device=z_a.device)
+    use_b[list(blocks)] = True
+    return torch.where(use_b[None, :, None], z_b[:, None], z_a[:, None])
+
+
+# ---------------------------------------------------------------------------------------------
+# The autoencoder, EMA and checkpoints
+
+class Automodulator(nn.Module):
+    """Encoder + decoder at one resolution: what sample.py, metrics.py and forks use."""
+
+    def __init__(self, cfg: ModelConfig, res=None, alpha=1.0):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = Encoder(cfg)
+        self.decoder = Decoder(cfg)
+        self.res = cfg.max_res if res is None else res
+        self.alpha = alpha
+        level(self.res, cfg.max_res)
+
+    def encode(self, images):
+        """(B, 3, res, res) in [-1, 1] -> (B, nz) on the unit sphere."""
+        return self.encoder(images, self.res, self.alpha)
+
+    def decode(self, z, noise=True):
+        """(B, nz) or per-block (B, n_blocks, nz) -> (B, 3, res, res) in about [-1, 1]."""
+        return self.decoder(z, self.res, self.alpha, noise=noise)
+
+    def reconstruct(self, images, noise=True):
+        return self.decode(self.encode(images), noise=noise)
+
+    def sample(self, n, generator=None, noise=True):
+        z = sample_prior(n, self.cfg.nz, self.const_device(), generator)
+        return self.decode(z, noise=noise)
+
+    def mix(self, z_a, z_b, blocks, noise=True):
+        """Decode z_a with z_b on `blocks` ('coarse', 'intermediate', 'fine' or 'a:b')."""
+        return self.decode(mix_latents(z_a, z_b, blocks, self.decoder.n_blocks), noise=noise)
+
+    def const_device(self):
+        return self.decoder.const.device
+
+
+def make_ema(decoder):
+    """A frozen copy of the decoder for the exponential moving average of its weights."""
+    ema = type(decoder)(decoder.cfg).to(decoder.const.device)
+    ema.load_state_dict(decoder.state_dict())
+    return ema.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def update_ema(ema, decoder, decay=0.999):
+    """ema <- decay * ema + (1 - decay) * decoder, over parameters (authors: 0.999 every D step)."""
+    for pe, p in zip(ema.parameters(), decoder.parameters()):
+        pe.lerp_(p.detach(), 1 - decay)
+
+
+def save_checkpoint(path, **state):
+    """torch.save to path.tmp, then an atomic rename: a crash never leaves a half-written file."""
+    tmp = f'{path}.tmp'
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, ema=True, device='cpu'):
+    """Rebuild an Automodulator from a checkpoint, at the resolution and alpha it had reached.
+
+    The file holds `model_config` (a ModelConfig as a dict), `res`, `alpha`, `encoder`, `decoder`
+    and (from training) `decoder_ema`, which is used when ema=True and present. Returns it in eval mode.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'no checkpoint at {path}; train one with `python train.py` '
+                                f'(it writes out_dir/ckpt.pt) or pass the path of another')
+    ck = torch.load(path, map_location='cpu', weights_only=True)
+    missing = [k for k in ('model_config', 'res', 'encoder', 'decoder') if k not in ck]
+    if missing:
+        raise ValueError(f'{path} is not a checkpoint of this repo: missing {missing} '
+                         f'(it has {sorted(ck)[:8]})')
+    names = {f.name for f in fields(ModelConfig)}
+    cfg = ModelConfig(**{k: v for k, v in ck['model_config'].items() if k in names})
+    model = Automodulator(cfg, res=ck['res'], alpha=ck.get('alpha', 1.0))
+    model.encoder.load_state_dict(ck['encoder'])
+    model.decoder.load_state_dict(ck['decoder_ema'] if ema and 'decoder_ema' in ck else ck['decoder'])
+    return model.to(device).eval()
+
+
+def count(params):
+    return sum(p.numel() for p in params)
+
+
+if __name__ == '__main__':
+    # Parameter counts at 256x256 against the authors' measured ones (reference doc 1.5)
+    authors = {'large': (28_971_907, 25_360_384), 'small': (23_442_627, 25_360_384)}
+    for arch in ('large', 'small'):
+        for name, extra in (('paper', {}), ('authors', AUTHORS)):
+            m = Automodulator(ModelConfig(arch=arch, **extra))
+            d, e = count(m.decoder.used_parameters(256)), count(m.encoder.used_parameters(256))
+            print(f'{arch:5s} {name:7s} decoder {d:>11,} ({d / authors[arch][0] - 1:+.1%} vs authors) '
+                  f'encoder {e:>11,} ({e / authors[arch][1] - 1:+.1%})')
