@@ -1,4 +1,322 @@
-"""Barron's adaptive robust loss and the automodulator's loss terms (paper Eq. 2-11).
+"""Barron's adaptive robust loss, written from the paper, and every loss term of the automodulator.
 
-Not written yet: issue #3 builds it.
+Barron, "A General and Adaptive Robust Loss Function", CVPR 2019 (Eq. 1-3, 16-17 and the appendix on
+the partition function). Heljakka et al., "Deep Automodulators", NeurIPS 2020, Sec. 3.2-3.3, Eq. 2-11.
+The authors' code (pioneer/train.py) differs from Eq. 6 in places; each such choice is a keyword
+switch here, off by default (README lists them).
+
+Weights are in the paper's units (KL weight 1); the authors' code uses one tenth of every weight.
 """
+import functools
+import math
+from typing import NamedTuple, Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from model import sample_prior, level
+
+# Paper A.1 / Eq. 6 defaults; train.py exposes them as globals.
+LAMBDA_X_FADE = 2.0     # lambda_X while a new level fades in (authors: 0.2 = 2 paper units)
+LAMBDA_X_STABLE = 3.0   # ... and in the stable half of each phase (authors: 0.2 * 1.5)
+LAMBDA_Z = 2.0          # latent cosine reconstruction (authors: 100/512 of mean(2 - 2cos) ~ 0.195)
+LAMBDA_J = 10.0         # layer-specific loss L_j (authors: MSE with weight 1 in their units)
+MIX_RATIO = 0.25        # Eq. 6: a 3:4 split of regular and mixed samples (authors: 0.5 in the D step)
+
+# ---------------------------------------------------------------------------------------------
+# Barron's general loss rho(x, alpha, c) and its distribution
+
+
+def _exprel(t):
+    """expm1(t) / t with the value 1 at t = 0, smooth (series near 0, so gradients stay exact)."""
+    small = t.abs() < 1e-4
+    t_safe = torch.where(small, torch.ones_like(t), t)
+    return torch.where(small, 1 + t / 2 + t * t / 6, torch.expm1(t_safe) / t_safe)
+
+
+def _rho(x, alpha, scale):
+    y = (x / scale) ** 2
+    two = alpha == 2
+    # double-where: at alpha = 2 the general branch would divide by |alpha - 2| = 0, so give it a
+    # harmless stand-in and let the exact L2 branch win (its gradient wrt alpha is then 0, finite)
+    a = torch.where(two, torch.ones_like(alpha), alpha)
+    b = (a - 2).abs()
+    log_term = torch.log1p(y / b)
+    # |a-2|/a * ((y/|a-2| + 1)^(a/2) - 1) written as b*L/2 * expm1(aL/2)/(aL/2): exact and smooth
+    # through a = 0, where it is log(y/2 + 1) (Barron Eq. 4), and accurate near it (no 0/0)
+    general = b * log_term / 2 * _exprel(a * log_term / 2)
+    return torch.where(two, y / 2, general)
+
+
+def _as_tensors(x, alpha, scale):
+    x = torch.as_tensor(x)
+    dtype = x.dtype if x.is_floating_point() else torch.get_default_dtype()
+    return (x.to(dtype), torch.as_tensor(alpha, dtype=dtype, device=x.device),
+            torch.as_tensor(scale, dtype=dtype, device=x.device))
+
+
+def rho(x, alpha, scale):
+    """Barron's general loss rho(x, alpha, c), elementwise with broadcasting (Barron Eq. 1).
+
+    alpha = 2: 0.5 (x/c)^2;  alpha = 0: log(0.5 (x/c)^2 + 1);  alpha = 1: sqrt((x/c)^2 + 1) - 1;
+    alpha -> -inf: 1 - exp(-0.5 (x/c)^2). Finite gradients in x, alpha and c everywhere.
+    """
+    x, alpha, scale = _as_tensors(x, alpha, scale)
+    if (scale <= 0).any():
+        raise ValueError(f'scale c must be positive, got min {scale.min().item():g}')
+    return _rho(x, alpha, scale)
+
+
+ALPHA_RANGE = (0.0, 3.0)    # where log Z(alpha) is tabulated; Z diverges for alpha < 0
+
+
+def _rho_np(x, a):
+    """rho(x, a, 1) in numpy for the quadrature; complex a gives d rho / d a by the complex step."""
+    y = x * x
+    b = (2 - a) if np.real(a) < 2 else (a - 2)     # |a - 2|, analytic on each side of 2
+    log_term = np.log1p(y / b)
+    t = a * log_term / 2
+    return b * log_term / 2 * (np.expm1(t) / t if abs(t) > 1e-8 else 1 + t / 2)
+
+
+@functools.lru_cache(maxsize=None)
+def _log_partition_table():
+    """Knots, values and a cubic Hermite spline of log Z(alpha) on [0, 3], built once (~1 s).
+
+    Z(alpha) = int exp(-rho(x, alpha, 1)) dx by scipy's quad; d log Z / d alpha = -E[d rho / d alpha]
+    by the same quadrature with the complex-step derivative of rho. log Z has a logarithmic
+    singularity in its derivative at alpha = 2 (d/d alpha ~ log|alpha - 2|), and alpha = 0 borders
+    the divergent alpha < 0, so knots are geometric towards both; in between every 0.05.
+    Measured against direct quadrature: values to 3e-8, derivatives to 3e-6 for |alpha - 2| >= 1e-3.
+    """
+    from scipy.integrate import quad
+    from scipy.interpolate import CubicHermiteSpline
+
+    geo = 10 ** np.linspace(-6, 0, 161)
+    knots = np.unique(np.round(np.concatenate([np.linspace(0, 3, 61), geo, 2 - geo, 2 + geo]), 12))
+    values, slopes = [], []
+    for a in knots:
+        if a == 2:                                  # the Gaussian: Z = sqrt(2 pi), slope -inf
+            values.append(0.5 * math.log(2 * math.pi))
+            slopes.append(np.nan)
+            continue
+        opts = dict(epsabs=1e-13, epsrel=1e-11, limit=1000)
+        z = 2 * quad(lambda x: np.exp(-_rho_np(x, a)), 0, np.inf, **opts)[0]
+        h = 1e-20
+        dz = 2 * quad(lambda x: -np.imag(_rho_np(x, a + 1j * h)) / h * np.exp(-_rho_np(x, a)),
+                      0, np.inf, **opts)[0]
+        values.append(math.log(z))
+        slopes.append(dz / z)
+    values, slopes = np.array(values), np.array(slopes)
+    i = int(np.where(knots == 2)[0][0])
+    slopes[i] = (values[i + 1] - values[i - 1]) / (knots[i + 1] - knots[i - 1])
+    coef = CubicHermiteSpline(knots, values, slopes).c           # (4, n_knots - 1), highest power first
+    return torch.from_numpy(knots), torch.from_numpy(np.ascontiguousarray(coef.T))
+
+
+def _log_partition(alpha):
+    knots, coef = _log_partition_table()
+    knots, coef = knots.to(alpha.device), coef.to(alpha.device)
+    a = alpha.double()
+    i = (torch.searchsorted(knots, a.detach(), right=True) - 1).clamp(0, knots.numel() - 2)
+    t = a - knots[i]
+    c = coef[i]                                                  # (..., 4)
+    out = ((c[..., 0] * t + c[..., 1]) * t + c[..., 2]) * t + c[..., 3]
+    return out.to(alpha.dtype)
+
+
+def log_partition(alpha):
+    """log Z(alpha) for p(x | alpha, c) = exp(-rho(x, alpha, c)) / (c Z(alpha)), alpha in [0, 3].
+
+    A cubic Hermite spline through quadrature values, so d log Z / d alpha (through autograd) is
+    the exact derivative of a smooth interpolant. log Z(0) = log(pi sqrt 2), log Z(2) = log sqrt(2 pi).
+    """
+    alpha = torch.as_tensor(alpha, dtype=torch.get_default_dtype()) if not torch.is_tensor(alpha) else alpha
+    lo, hi = ALPHA_RANGE
+    if alpha.numel() and (alpha.min() < lo or alpha.max() > hi):
+        raise ValueError(f'log_partition is defined for alpha in [{lo}, {hi}] (Z diverges below 0), '
+                         f'got values in [{alpha.min().item():g}, {alpha.max().item():g}]')
+    return _log_partition(alpha)
+
+
+def nll(x, alpha, scale):
+    """Negative log-likelihood of Barron's distribution: rho(x, alpha, c) + log c + log Z(alpha)."""
+    x, alpha, scale = _as_tensors(x, alpha, scale)
+    return rho(x, alpha, scale) + torch.log(scale) + log_partition(alpha)
+
+
+class AdaptiveRobustLoss(nn.Module):
+    """d_rho of Eq. 6: Barron's NLL with one learned alpha and scale per (channel, pixel).
+
+    alpha = 0.001 + 1.998 * sigmoid(latent) in (0.001, 1.999), scale = softplus(latent) + 1e-5, both 1
+    at the start (authors' settings, from robust_loss_pytorch's defaults). Parameters for every
+    resolution up to max_res exist from construction, so an optimizer built once holds them all;
+    grow() moves to the next resolution and initializes each (c, 2y+dy, 2x+dx) from its parent
+    (c, y, x), as the paper says in Sec. 3.2 (the authors' code scrambles this mapping).
+    """
+
+    def __init__(self, max_res, channels=3, res=4, alpha_lo=0.001, alpha_hi=1.999, scale_lo=1e-5):
+        super().__init__()
+        level(max_res, max_res)
+        self.max_res, self.channels, self.res = max_res, channels, res
+        self.alpha_lo, self.alpha_hi, self.scale_lo = alpha_lo, alpha_hi, scale_lo
+        sizes = [4 * 2 ** i for i in range(level(max_res, max_res) + 1)]
+        scale0 = math.log(math.expm1(1 - scale_lo))               # softplus^-1(1 - scale_lo)
+        self.alpha_latent = nn.ParameterList([nn.Parameter(torch.zeros(channels, s, s)) for s in sizes])
+        self.scale_latent = nn.ParameterList([nn.Parameter(torch.full((channels, s, s), scale0)) for s in sizes])
+        level(res, max_res)
+
+    def alpha(self):
+        i = level(self.res, self.max_res)
+        return self.alpha_lo + (self.alpha_hi - self.alpha_lo) * torch.sigmoid(self.alpha_latent[i])
+
+    def scale(self):
+        return F.softplus(self.scale_latent[level(self.res, self.max_res)]) + self.scale_lo
+
+    def forward(self, residual):
+        """Mean NLL over batch and elements of a residual (B, C, res, res), e.g. decoded - real."""
+        want = (self.channels, self.res, self.res)
+        if residual.dim() != 4 or tuple(residual.shape[1:]) != want:
+            raise ValueError(f'robust loss at {self.res}x{self.res} takes residuals (B, {want[0]}, {want[1]}, '
+                             f'{want[2]}), got {tuple(residual.shape)}; call grow() when the phase changes')
+        alpha, scale = self.alpha(), self.scale()
+        return (_rho(residual, alpha, scale) + torch.log(scale) + _log_partition(alpha)).mean()
+
+    @torch.no_grad()
+    def grow(self):
+        """Double the resolution; each parameter at (c, y, x) initializes its four children."""
+        i = level(self.res, self.max_res)
+        if self.res >= self.max_res:
+            raise ValueError(f'robust loss is already at max_res {self.max_res}')
+        for params in (self.alpha_latent, self.scale_latent):
+            params[i + 1].copy_(params[i].repeat_interleave(2, dim=1).repeat_interleave(2, dim=2))
+        self.res *= 2
+
+    def get_extra_state(self):                                  # the resolution travels in state_dict
+        return {'res': self.res}
+
+    def set_extra_state(self, state):
+        self.res = int(state['res'])
+
+
+# ---------------------------------------------------------------------------------------------
+# The automodulator's terms
+
+def kl_prior(z):
+    """AGE/PIONEER's empirical KL: fit N(m, v) per dimension to the batch (biased v) and return
+    KL(N(m, v) || N(0, 1)) = (v + m^2 - log v - 1) / 2, averaged over dimensions."""
+    if z.dim() != 2 or z.shape[0] < 2:
+        raise ValueError(f'kl_prior needs a batch of latents (B >= 2, nz), got {tuple(z.shape)}')
+    var, mean = torch.var_mean(z.float(), dim=0, correction=0)
+    return 0.5 * (var + mean ** 2 - torch.log(var) - 1).mean()
+
+
+def kl_latent(z):
+    """The KL that Eq. 2 and 6 apply to encodings, which are unit vectors.
+
+    A unit vector's coordinates have variance ~1/nz, so we compare sqrt(nz) * z with N(0, I): a
+    batch spread uniformly on the sphere then reads ~0 instead of the ~2.6 of the authors'
+    KL(z || N(0, I)). On the sphere sum_d (v_d + m_d^2) = mean |z|^2 = 1 exactly, so the two differ by
+    a constant: gradients, and the real-minus-fake difference that the margin clamps, are identical.
+    """
+    return kl_prior(z * math.sqrt(z.shape[1]))
+
+
+def margin_kl(kl_real, kl_fake, margin, upper_clamp=False):
+    """Eq. 6's adversarial term max(-M_gap, KL_real - KL_fake); margin=None means no clamp at all.
+
+    upper_clamp: the authors' code also clamps from above at M_gap / 2 (reference doc 2.2).
+    """
+    diff = kl_real - kl_fake
+    if margin is None:
+        return diff
+    return diff.clamp(min=-margin, max=margin / 2 if upper_clamp else None)
+
+
+def d_cos(z, z_rec):
+    """Cosine distance 1 - cos(z, z'), averaged over the batch (Eq. 2, 6)."""
+    return (1 - F.cosine_similarity(z, z_rec, dim=1)).mean()
+
+
+class Fakes(NamedTuple):
+    images: torch.Tensor            # (B, 3, res, res): regular samples first, then mixed ones
+    z: torch.Tensor                 # (B_reg, nz) codes of the regular samples
+    z_a: torch.Tensor               # (B_mix, nz) codes that drove blocks [0, j) of the mixed samples
+    canvas: Optional[torch.Tensor]  # xi_j of the mixed samples from z_a (first pass, Fig. 3b)
+    j: int                          # split: z_a on blocks [0, j), z_b on [j, ...); 0 = no mixing
+
+
+def fake_batch(decoder, n, res, alpha, mix_ratio=MIX_RATIO, generator=None, noise=True):
+    """x_hat of Eq. 6: (1 - mix_ratio) of the batch decoded from z ~ prior, the rest mixed with
+    z_A, z_B ~ prior and j ~ U{1, ..., n_current - 1} drawn once per batch (canvases differ in size
+    per j). At 4x4 there is a single block and nothing to mix."""
+    device = decoder.const.device
+    nz = decoder.cfg.nz
+    top = level(res, decoder.cfg.max_res)
+    n_mix = int(round(n * mix_ratio)) if top > 0 else 0
+    z = sample_prior(n - n_mix, nz, device, generator)
+    if n_mix == 0:
+        return Fakes(decoder(z, res, alpha, noise=noise), z, z[:0], None, 0)
+    j = int(torch.randint(1, top + 1, (), generator=generator,
+                          device=generator.device if generator is not None else 'cpu'))
+    z_a = sample_prior(n_mix, nz, device, generator)
+    z_b = sample_prior(n_mix, nz, device, generator)
+    xi = decoder.canvas(z_a, j, noise=noise)
+    mixed = decoder(z_b, res, alpha, noise=noise, canvas=xi, start=j)
+    return Fakes(torch.cat([decoder(z, res, alpha, noise=noise), mixed]), z, z_a, xi, j)
+
+
+def layer_loss(decoder, z_ab, canvas, j, noise=True):
+    """L_j of Eq. 5: mean squared difference between xi_j decoded from the re-encoded mixed image
+    z_AB and xi_j of the first pass from z_A. Neither side is detached (as the authors)."""
+    return F.mse_loss(decoder.canvas(z_ab, j, noise=noise), canvas)
+
+
+def encoder_loss(encoder, decoder, robust, x, fakes, res, alpha, margin, lambda_x=LAMBDA_X_STABLE,
+                 extra_kl=False, upper_clamp=False):
+    """L_phi of Eq. 6: max(-M_gap, KL(phi(x)) - KL(phi(x_hat))) + lambda_X d_rho(x, theta(phi(x))).
+
+    fakes: images x_hat (made under no_grad). The decoder's parameters should be frozen by the
+    caller; the reconstruction gradient flows through it into the encoder and the robust loss.
+    extra_kl: the authors' code adds KL(phi(x)) once more, outside the clamp (reference doc 2.2).
+    Returns the loss and a dict of detached parts for logging.
+    """
+    z = encoder(x, res, alpha)
+    kl_real = kl_latent(z)
+    kl_fake = kl_latent(encoder(fakes, res, alpha))
+    adversarial = margin_kl(kl_real, kl_fake, margin, upper_clamp)
+    recon = robust(decoder(z, res, alpha) - x)
+    loss = adversarial + lambda_x * recon + (kl_real if extra_kl else 0)
+    parts = dict(kl_real=kl_real, kl_fake=kl_fake, recon=recon)
+    return loss, {k: v.detach() for k, v in parts.items()}
+
+
+def decoder_loss(encoder, decoder, n, res, alpha, mix_ratio=MIX_RATIO, lambda_z=LAMBDA_Z,
+                 lambda_j=LAMBDA_J, generator=None, noise=True):
+    """L_theta of Eq. 6: KL(phi(x_hat)) + lambda_Z d_cos(z, phi(theta(z))) + lambda_j L_j.
+
+    The KL covers the whole batch; d_cos the regular samples; L_j the mixed ones (second pass,
+    Fig. 3c). The encoder's parameters should be frozen by the caller; gradients flow through it.
+    """
+    fakes = fake_batch(decoder, n, res, alpha, mix_ratio, generator, noise)
+    z_hat = encoder(fakes.images, res, alpha)
+    n_reg = fakes.z.shape[0]
+    kl_fake = kl_latent(z_hat)
+    cos = d_cos(fakes.z, z_hat[:n_reg]) if n_reg else z_hat.new_zeros(())
+    lj = layer_loss(decoder, z_hat[n_reg:], fakes.canvas, fakes.j, noise) if fakes.j else z_hat.new_zeros(())
+    loss = kl_fake + lambda_z * cos + lambda_j * lj
+    return loss, dict(kl_fake=kl_fake.detach(), cos=cos.detach(), layer=lj.detach(), j=fakes.j)
+
+
+def invariance_loss(decoder, robust, x1, x2, z1, z2, k, res, alpha, noise=True):
+    """L_inv + L'_inv of Eq. 10-11 for invariant pairs (x1, x2) encoded as (z1, z2).
+
+    L_inv = d(x2, theta(z2 on blocks [0, k), z1 after)): the first k blocks alone must carry what
+    differs within a pair (pose, for flip pairs; the paper's layers #1-2 are k = 2). L'_inv swaps the
+    roles. d is the robust loss, as for reconstructions. Added to L_phi (Sec. 3.3).
+    """
+    x2_hat = decoder(z1, res, alpha, noise=noise, canvas=decoder.canvas(z2, k, noise=noise), start=k)
+    x1_hat = decoder(z2, res, alpha, noise=noise, canvas=decoder.canvas(z1, k, noise=noise), start=k)
+    return robust(x2_hat - x2) + robust(x1_hat - x1)

@@ -1,4 +1,5 @@
 """Fast CPU tests: python -m pytest -q test_all.py (or python test_all.py)."""
+import math
 import os
 import re
 import subprocess
@@ -9,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import configurator
+import losses as L
 import model as M
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -224,6 +226,188 @@ def test_checkpoint_roundtrip_uses_ema_decoder(tmp_path):
     assert torch.equal(M.load_checkpoint(path, ema=False).decode(z, noise=False), m.decoder(z, 32, noise=False))
     with pytest.raises(FileNotFoundError, match='python train.py'):
         M.load_checkpoint(str(tmp_path / 'nope.pt'))
+
+
+# ---------------------------------------------------------------------------------------------
+# losses.py
+
+X = torch.tensor([-30., -3., -1., -0.1, 0., 0.05, 0.5, 2., 7.], dtype=torch.float64)
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
+def test_rho_special_cases(dtype):
+    x, c = X.to(dtype), 0.7
+    y = (x / c) ** 2
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-14)
+    assert torch.equal(L.rho(x, 2.0, c), 0.5 * y)                                # exact L2
+    assert torch.allclose(L.rho(x, 0.0, c), torch.log(0.5 * y + 1), **tol)       # Cauchy / log form
+    assert torch.allclose(L.rho(x, 1.0, c), torch.sqrt(y + 1) - 1, **tol)        # Charbonnier
+    assert torch.allclose(L.rho(x, -1e7, c), 1 - torch.exp(-0.5 * y), rtol=1e-4, atol=1e-6)   # Welsch
+    assert L.rho(x, 1.3, c).dtype == dtype
+
+
+def test_rho_gradients_finite_and_correct():
+    for a in (0.0, 2.0, 1e-7, 1.0, 1.999, 2.5, -3.0):
+        x = X.clone().requires_grad_()
+        alpha = torch.full_like(X, a).requires_grad_()
+        c = torch.full_like(X, 0.8).requires_grad_()
+        L.rho(x, alpha, c).sum().backward()
+        for g in (x.grad, alpha.grad, c.grad):
+            assert torch.isfinite(g).all(), a
+        assert x.grad[4] == 0                                       # x = 0 is the minimum
+        if a != 2.0:                                                # no derivative in alpha at 2
+            assert torch.autograd.gradcheck(L.rho, (x.detach().requires_grad_(), alpha.detach().requires_grad_(),
+                                                    c.detach().requires_grad_()))
+    for a in (0.0, 2.0):                                            # float32 at the special points
+        alpha = torch.tensor(a, requires_grad=True)
+        L.rho(torch.tensor([0., 1e-3, 5.]), alpha, 1.0).sum().backward()
+        assert torch.isfinite(alpha.grad)
+
+
+def _quad_log_z(a):
+    from scipy.integrate import quad
+    f = lambda x: math.exp(-L.rho(torch.tensor(x, dtype=torch.float64), a, 1.0).item())
+    return math.log(2 * quad(f, 0, math.inf, epsabs=1e-13, epsrel=1e-11, limit=500)[0])
+
+
+def test_log_partition_values_and_derivative():
+    from scipy.special import k1
+    lz = L.log_partition(torch.tensor([0., 1., 2.], dtype=torch.float64))
+    want = torch.tensor([math.log(math.pi * math.sqrt(2)), math.log(2 * math.e * k1(1.0)),
+                         math.log(math.sqrt(2 * math.pi))], dtype=torch.float64)
+    assert torch.allclose(lz, want, rtol=0, atol=1e-7)
+    for a in (0.05, 0.37, 1.3, 1.9, 1.995, 2.7):        # against quadrature, off the knots
+        alpha = torch.tensor(a, dtype=torch.float64, requires_grad=True)
+        value = L.log_partition(alpha)
+        value.backward()
+        assert abs(value.item() - _quad_log_z(a)) < 1e-6, a
+        h = 1e-5
+        fd = (_quad_log_z(a + h) - _quad_log_z(a - h)) / (2 * h)
+        assert abs(alpha.grad.item() - fd) < 1e-4, (a, alpha.grad.item(), fd)
+
+
+def test_density_integrates_to_one_and_nll_gradient():
+    from scipy.integrate import quad
+    for a, c in ((0.0, 1.0), (0.5, 0.3), (1.2, 2.0), (1.999, 1.0), (2.6, 0.5)):
+        p = lambda x: math.exp(-L.nll(torch.tensor(x, dtype=torch.float64), a, c).item())
+        assert abs(2 * quad(p, 0, math.inf, epsabs=1e-12, limit=500)[0] - 1) < 1e-6, a
+    for a in (0.2, 1.0, 1.8, 2.4):
+        alpha = torch.tensor(a, dtype=torch.float64, requires_grad=True)
+        L.nll(X, alpha, 0.6).sum().backward()
+        h = 1e-6
+        fd = (L.nll(X, a + h, 0.6).sum() - L.nll(X, a - h, 0.6).sum()) / (2 * h)
+        assert abs(alpha.grad.item() - fd.item()) < 1e-5 * max(1, abs(fd.item()))
+
+
+def test_robust_loss_starts_at_one_and_grows_by_parent_pixel():
+    torch.manual_seed(0)
+    r = L.AdaptiveRobustLoss(max_res=16)
+    assert torch.allclose(r.alpha(), torch.ones(3, 4, 4)) and torch.allclose(r.scale(), torch.ones(3, 4, 4))
+    with torch.no_grad():
+        r.alpha_latent[0].normal_()
+        r.scale_latent[0].normal_()
+    assert 0.001 < r.alpha().min() and r.alpha().max() < 1.999
+    residual = torch.randn(5, 3, 4, 4)
+    before = r(residual)
+    alpha4, scale4 = r.alpha(), r.scale()
+    r.grow()
+    assert r.res == 8 and r.alpha().shape == (3, 8, 8)
+    for dy in (0, 1):
+        for dx in (0, 1):
+            assert torch.equal(r.alpha_latent[1][:, dy::2, dx::2], r.alpha_latent[0])     # (c, 2y+dy, 2x+dx)
+            assert torch.equal(r.scale_latent[1][:, dy::2, dx::2], r.scale_latent[0])     # <- (c, y, x)
+            assert torch.allclose(r.alpha()[:, dy::2, dx::2], alpha4) and torch.allclose(r.scale()[:, dy::2, dx::2], scale4)
+    up = F.interpolate(residual, scale_factor=2, mode='nearest')       # constant over each 2x2 block
+    assert torch.allclose(r(up), before, rtol=1e-6)
+    state = r.state_dict()
+    fresh = L.AdaptiveRobustLoss(max_res=16)
+    fresh.load_state_dict(state)
+    assert fresh.res == 8 and torch.equal(fresh(up), r(up))
+
+
+def test_kl_prior_and_its_sphere_form():
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(20000, 16, generator=g, dtype=torch.float64)
+    assert L.kl_prior(z) < 2e-3
+    assert L.kl_prior(z + 1.0) > L.kl_prior(z) + 0.45          # a unit mean shift adds 1/2 per dimension
+    assert L.kl_prior(z * 2) > 0.5
+    sphere = M.sample_prior(20000, 64, generator=g)
+    assert L.kl_latent(sphere) < 5e-3 and L.kl_prior(sphere) > 1.0   # the authors' form reads ~ log(nz)/2
+    # ... and both give the same gradient through the normalization (they differ by a constant)
+    h = torch.randn(32, 64, generator=g, dtype=torch.float64).add_(0.3).requires_grad_()
+    g1, = torch.autograd.grad(L.kl_latent(F.normalize(h, dim=1)), h)
+    g2, = torch.autograd.grad(L.kl_prior(F.normalize(h, dim=1)), h)
+    assert torch.allclose(g1, g2, atol=1e-10) and g1.abs().max() > 1e-3
+
+
+def test_margin_clamps():
+    real, fake = torch.tensor(1.0, requires_grad=True), torch.tensor(5.0)
+    out = L.margin_kl(real, fake, margin=0.5)
+    out.backward()
+    assert out.item() == -0.5 and real.grad.item() == 0.0          # clamped: no gradient
+    assert L.margin_kl(torch.tensor(5.0), torch.tensor(1.0), 0.5).item() == 4.0
+    assert L.margin_kl(torch.tensor(5.0), torch.tensor(1.0), 0.5, upper_clamp=True).item() == 0.25
+    assert L.margin_kl(torch.tensor(1.0), torch.tensor(5.0), None).item() == -4.0
+
+
+def test_fake_batch_split_and_layer_loss():
+    m = tiny()
+    g = torch.Generator().manual_seed(3)
+    f = L.fake_batch(m.decoder, 8, 32, 1.0, mix_ratio=0.25, generator=g, noise=False)
+    assert f.images.shape == (8, 3, 32, 32) and f.z.shape == (6, 32) and f.z_a.shape == (2, 32)
+    assert 1 <= f.j <= 3 and torch.equal(m.decoder.canvas(f.z_a, f.j, noise=False), f.canvas)
+    assert torch.equal(f.images[:6], m.decoder(f.z, 32, noise=False))
+    assert L.fake_batch(m.decoder, 8, 4, 1.0).j == 0                      # one block: nothing to mix
+    # L_j is exactly 0 when the re-encoded code equals z_A ...
+    assert L.layer_loss(m.decoder, f.z_a, f.canvas, f.j, noise=False).item() == 0.0
+    # ... and otherwise its gradient reaches the coarse blocks of the decoder
+    z_ab = m.encoder(f.images[6:], 32)
+    L.layer_loss(m.decoder, z_ab, f.canvas, f.j).backward()
+    grad = m.decoder.blocks[0].layers[0].adain.style.weight.grad
+    assert grad is not None and grad.abs().sum() > 0
+
+
+def test_encoder_and_decoder_losses_backpropagate():
+    m = tiny()
+    robust = L.AdaptiveRobustLoss(max_res=64, res=16)
+    x = torch.rand(6, 3, 16, 16) * 2 - 1
+    with torch.no_grad():
+        fakes = L.fake_batch(m.decoder, 6, 16, 0.5).images
+    loss, parts = L.encoder_loss(m.encoder, m.decoder, robust, x, fakes, 16, 0.5, margin=0.5)
+    loss.backward()
+    assert torch.isfinite(loss) and set(parts) == {'kl_real', 'kl_fake', 'recon'}
+    assert m.encoder.blocks[0].conv2.parametrizations.weight.original.grad.abs().sum() > 0
+    assert robust.alpha_latent[2].grad.abs().sum() > 0 and robust.alpha_latent[1].grad is None
+    m.zero_grad()
+    loss, parts = L.decoder_loss(m.encoder, m.decoder, 8, 16, 1.0, generator=torch.Generator().manual_seed(0))
+    loss.backward()
+    assert torch.isfinite(loss) and parts['j'] in (1, 2) and parts['layer'] > 0
+    assert m.decoder.blocks[2].layers[1].conv.weight.grad.abs().sum() > 0
+
+
+def test_invariance_loss_generalizes_reconstruction():
+    m = tiny()
+    robust = L.AdaptiveRobustLoss(max_res=64, res=16)
+    x1 = torch.rand(4, 3, 16, 16) * 2 - 1
+    x2 = x1.flip(-1)
+    z1, z2 = m.encoder(x1, 16), m.encoder(x2, 16)
+    # z1 = z2 reduces it to twice the reconstruction loss (Sec. 3.3)
+    same = L.invariance_loss(m.decoder, robust, x1, x1, z1, z1, 2, 16, 1.0, noise=False)
+    assert torch.allclose(same, 2 * robust(m.decoder(z1, 16, noise=False) - x1))
+    pair = L.invariance_loss(m.decoder, robust, x1, x2, z1, z2, 2, 16, 1.0, noise=False)
+    pair.backward()
+    assert torch.isfinite(pair) and m.encoder.from_rgb[2].weight.grad.abs().sum() > 0
+
+
+def test_loss_bad_input():
+    with pytest.raises(ValueError, match='scale c must be positive'):
+        L.rho(torch.ones(3), 1.0, torch.tensor([1.0, 0.0, 1.0]))
+    with pytest.raises(ValueError, match=r'alpha in \[0.0, 3.0\].*-0.5'):
+        L.log_partition(torch.tensor([-0.5, 1.0]))
+    with pytest.raises(ValueError, match=r'\(B, 3, 8, 8\), got \(2, 3, 16, 16\).*grow'):
+        L.AdaptiveRobustLoss(max_res=32, res=8)(torch.zeros(2, 3, 16, 16))
+    with pytest.raises(ValueError, match='B >= 2'):
+        L.kl_prior(torch.zeros(1, 8))
 
 
 # ---------------------------------------------------------------------------------------------
