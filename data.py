@@ -1,4 +1,549 @@
-"""Data sets: the embedded `shapes` default, image folders, FFHQ, CelebA-HQ and LSUN (lmdb).
+"""Data: the embedded `shapes` default, any image folder, FFHQ, CelebA-HQ and LSUN (lmdb).
 
-Not written yet: issue #4 builds it. Nothing here pretends to load data.
+Every source hands out uint8 images (3, res, res) at the phase resolution; `prepare_batch` turns a
+batch into the float [-1, 1] training input on the device: random horizontal flips, and during a
+fade-in the blend x = alpha x + (1 - alpha) up2(down2(x)) that matches the decoder's fade (paper
+Sec. 3.1; the authors blend real images the same way, reference doc section 4).
+
+Folders are decoded once into a per-resolution cache of uint8 arrays (numpy memmaps), so a 4x4
+phase never decodes 1024 px PNGs and a DataLoader worker never meets a corrupt file. LSUN is read
+from its official lmdb files with the key list cached next to them.
+
+`shapes` renders scenes with known factors at different spatial scales (layout: shape class,
+position, size; appearance: object and background colour, a fine stripe texture);
+`estimate_factors` recovers them from pixels, so mixing can be scored on a CPU.
 """
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+import warnings
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+DATASETS = ('shapes', 'folder', 'ffhq', 'celebahq', 'lsun_bedroom', 'lsun_cars')
+IMAGE_EXTS = ('.png', '.jpg', '.jpeg', '.webp', '.bmp', '.tif', '.tiff', '.ppm')
+MAX_BAD_FRACTION = 0.01     # stop when more than 1% of the files of a data set cannot be read
+
+# ---------------------------------------------------------------------------------------------
+# shapes: procedural scenes with known factors
+
+SHAPES_TRAIN = 1_000_000     # indices [0, SHAPES_TRAIN) are the train split ...
+SHAPES_TEST = 10_000         # ... and the next SHAPES_TEST the held-out test split
+SHAPE_CLASSES = ('circle', 'square', 'triangle')
+TEXTURES = ('horizontal', 'vertical')   # stripes across y or across x, on the object only
+STRIPE_FREQ = 8.0            # stripe cycles per image width: a 4 px period at 32x32
+STRIPE_AMP = 0.12            # +- on every channel of the object colour
+# the equal-area radius s of each class: circle radius s, square half-side s sqrt(pi)/2,
+# triangle (equilateral, point up) inradius s sqrt(pi / (3 sqrt 3)); extent = farthest point / s
+_SQUARE_H = math.sqrt(math.pi) / 2
+_TRI_R = math.sqrt(math.pi / (3 * math.sqrt(3)))
+_EXTENT = torch.tensor([1.0, _SQUARE_H * math.sqrt(2), 2 * _TRI_R])
+SIZE_RANGE = (0.12, 0.2)
+
+
+def _hash32(x):
+    """A 32-bit integer mix (int64 tensors holding values < 2^32; products stay below 2^63)."""
+    m = 0xFFFFFFFF
+    x = ((x >> 16) ^ x) * 0x45D9F3B & m
+    x = ((x >> 16) ^ x) * 0x45D9F3B & m
+    return (x >> 16) ^ x
+
+
+def _uniforms(seed, index, k):
+    """(B, k) uniforms in [0, 1), a pure function of (seed, index): any batch renders the same image."""
+    key = _hash32(_hash32(torch.full_like(index, seed & 0xFFFFFFFF)) ^ (index & 0xFFFFFFFF))
+    key = _hash32(key ^ (index >> 32))
+    cols = _hash32(key[:, None] ^ _hash32(torch.arange(1, k + 1, dtype=torch.int64))[None, :])
+    return cols.double() / 2 ** 32
+
+
+def shapes_factors(index, seed=0):
+    """The factors of shapes images `index` (a LongTensor of indices): a dict of tensors."""
+    index = torch.as_tensor(index, dtype=torch.int64).reshape(-1)
+    u = _uniforms(seed, index, 12)
+    shape = (u[:, 0] * 3).long().clamp(max=2)
+    size = SIZE_RANGE[0] + (SIZE_RANGE[1] - SIZE_RANGE[0]) * u[:, 1]
+    margin = _EXTENT[shape].double() * size + 0.04                  # the object stays inside
+    center = margin[:, None] + (1 - 2 * margin[:, None]) * u[:, 2:4]
+    obj = 0.2 + 0.6 * u[:, 4:7]                                     # room for the stripes' +-0.12
+    # background: each channel 0.35-0.65 away (mod 1) from the object's, so the two never blend
+    bg = torch.remainder(obj + 0.35 + 0.3 * u[:, 7:10], 1.0)
+    texture = (u[:, 10] < 0.5).long() ^ 1
+    phase = u[:, 11]
+    return dict(shape=shape, x=center[:, 0].float(), y=center[:, 1].float(), size=size.float(),
+                color=obj.float(), background=bg.float(), texture=texture, phase=phase.float())
+
+
+def _coverage(shape, cx, cy, size, res):
+    """Anti-aliased coverage (B, res, res) of each object: clamp(0.5 - signed distance in pixels)."""
+    t = (torch.arange(res, dtype=torch.float32) + 0.5) / res
+    dx = t[None, None, :] - cx[:, None, None]
+    dy = t[None, :, None] - cy[:, None, None]                      # image y grows downwards
+    s = size[:, None, None]
+    circle = torch.sqrt(dx * dx + dy * dy) - s
+    square = torch.maximum(dx.abs(), dy.abs()) - _SQUARE_H * s
+    # equilateral triangle, point up: the largest of its three edge-normal projections minus the inradius
+    c30, s30 = math.cos(math.pi / 6), 0.5
+    tri = torch.maximum(torch.maximum(dy, c30 * dx - s30 * dy), -c30 * dx - s30 * dy) - _TRI_R * s
+    sd = torch.where(shape[:, None, None] == 0, circle, torch.where(shape[:, None, None] == 1, square, tri))
+    return (0.5 - sd * res).clamp(0, 1)
+
+
+def render_shapes(index, res, seed=0):
+    """Render shapes images: (float images (B, 3, res, res) in [-1, 1], factors dict)."""
+    f = shapes_factors(index, seed)
+    cov = _coverage(f['shape'], f['x'], f['y'], f['size'], res)[:, None]
+    t = (torch.arange(res, dtype=torch.float32) + 0.5) / res
+    along = torch.where(f['texture'][:, None, None] == 0,
+                        (t[None, :, None] - f['y'][:, None, None]).expand(-1, res, res),
+                        (t[None, None, :] - f['x'][:, None, None]).expand(-1, res, res))
+    # a sinusoid box-filtered over the pixel is the sinusoid times sinc: exact anti-aliasing
+    stripes = torch.sin(2 * math.pi * (STRIPE_FREQ * along + f['phase'][:, None, None]))
+    stripes = stripes * float(np.sinc(STRIPE_FREQ / res))
+    obj = f['color'][:, :, None, None] + STRIPE_AMP * stripes[:, None]
+    img = f['background'][:, :, None, None] * (1 - cov) + obj * cov
+    return img * 2 - 1, f
+
+
+def estimate_factors(images):
+    """Recover the shapes factors from images (B, 3, res, res) in [-1, 1], analytically.
+
+    Background: the median of the border; coverage: each pixel's projection on the background ->
+    object colour axis; position: the coverage centroid; size: sqrt(area / pi); class: the best
+    matching rendered silhouette at that position and size; colours: means over the object's
+    interior and the background; texture: stripes across y or across x, from the object's
+    luminance gradients (meaningful from 16x16 up, where the stripes are resolved).
+    """
+    x = (images.float() + 1) / 2
+    b, _, res, _ = x.shape
+    border = torch.cat([x[:, :, 0], x[:, :, -1], x[:, :, 1:-1, 0], x[:, :, 1:-1, -1]], dim=2)
+    bg = border.median(dim=2).values                                      # (B, 3)
+    far = (x - bg[:, :, None, None]).norm(dim=1) > 0.3                     # (B, H, W) object pixels
+    # interior: object pixels whose 3x3 neighbourhood is all object (no anti-aliased edge)
+    inner = -F.max_pool2d(-far[:, None].float(), 3, 1, 1)[:, 0] > 0.5
+    inner = torch.where(inner.flatten(1).any(1)[:, None, None], inner, far)
+    w = inner.float()[:, None]
+    color = (x * w).sum((2, 3)) / w.sum((2, 3)).clamp(min=1)
+    axis = color - bg
+    cov = ((x - bg[:, :, None, None]) * axis[:, :, None, None]).sum(1) / (axis * axis).sum(1)[:, None, None]
+    cov = cov.clamp(0, 2)                    # not at 1: the stripes swing +- around it, average 1
+    area = cov.sum((1, 2)) / res ** 2
+    t = (torch.arange(res, dtype=torch.float32) + 0.5) / res
+    cx = (cov * t[None, None, :]).sum((1, 2)) / (area * res ** 2)
+    cy = (cov * t[None, :, None]).sum((1, 2)) / (area * res ** 2)
+    size = torch.sqrt(area / math.pi)
+    masks = torch.stack([_coverage(torch.full((b,), k), cx, cy, size, res) for k in range(3)], 1)
+    shape = (masks - cov.clamp(0, 1)[:, None]).abs().sum((2, 3)).argmin(1)
+    lum = x.mean(1)
+    gx = (lum[:, :, 1:] - lum[:, :, :-1]).abs() * (inner[:, :, 1:] & inner[:, :, :-1])
+    gy = (lum[:, 1:, :] - lum[:, :-1, :]).abs() * (inner[:, 1:, :] & inner[:, :-1, :])
+    texture = (gx.sum((1, 2)) > gy.sum((1, 2))).long()      # strong change across x: vertical stripes
+    return dict(shape=shape, x=cx, y=cy, size=size, color=color, background=bg, texture=texture)
+
+
+# Tolerances within which estimate_factors recovers each factor from clean renders (README has the
+# measured rates): exact classes, position and size in image widths, colours per channel in [0, 1].
+FACTOR_TOLERANCE = dict(shape=0, texture=0, x=0.02, y=0.02, size=0.01, color=0.05, background=0.02)
+
+
+def factor_errors(estimated, true):
+    """Per image: True where each factor is within FACTOR_TOLERANCE (dict of (B,) bool tensors)."""
+    out = {}
+    for k, tol in FACTOR_TOLERANCE.items():
+        diff = (estimated[k].float() - true[k].float()).abs()
+        out[k] = (diff.amax(1) if diff.dim() == 2 else diff) <= tol
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Sources: one object per data set and split, handing out uint8 images at any resolution
+
+class ShapesSource:
+    """The embedded default: rendered on the fly, deterministic from (seed, index)."""
+    name = 'shapes'
+
+    def __init__(self, split='train', seed=0):
+        self.offset, self.n = (0, SHAPES_TRAIN) if split == 'train' else (SHAPES_TRAIN, SHAPES_TEST)
+        self.seed = seed
+
+    def __len__(self):
+        return self.n
+
+    def load_batch(self, indices, res):
+        img, _ = render_shapes(torch.as_tensor(indices, dtype=torch.int64) + self.offset, res, self.seed)
+        return _to_uint8(img)
+
+    def factors(self, indices):
+        return shapes_factors(torch.as_tensor(indices, dtype=torch.int64) + self.offset, self.seed)
+
+
+def _to_uint8(img):
+    return ((img + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+
+
+def _open_rgb(source):
+    """PIL image from a path or a file-like object, as 8-bit RGB (grayscale, RGBA, 16-bit, palette)."""
+    from PIL import Image
+    im = Image.open(source)
+    im.load()
+    if im.mode in ('I;16', 'I;16B', 'I;16L', 'I;16N', 'I', 'F'):      # 16-bit / 32-bit gray
+        a = np.asarray(im, dtype=np.float64)
+        top = 65535.0 if im.mode.startswith('I;16') or a.max() > 255 else 255.0
+        im = Image.fromarray(np.clip(a / top * 255 + 0.5, 0, 255).astype(np.uint8))
+    if im.mode in ('RGBA', 'LA', 'PA') or (im.mode == 'P' and 'transparency' in im.info):
+        im = im.convert('RGBA')
+        white = Image.new('RGBA', im.size, (255, 255, 255, 255))   # transparent parts become white
+        im = Image.alpha_composite(white, im)
+    return im.convert('RGB')
+
+
+def _crop_resize(im, res):
+    """Center-crop to a square, then resize to res (bilinear, antialiased: torchvision's default)."""
+    from PIL import Image
+    w, h = im.size
+    s = min(w, h)
+    im = im.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
+    if s != res:
+        im = im.resize((res, res), Image.Resampling.BILINEAR)
+    return torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1)
+
+
+def list_images(root):
+    """All image files under root, sorted by relative path (the order that splits rely on)."""
+    if not root:
+        raise ValueError('this data set needs --data_root=PATH, the folder that holds the images')
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f'data_root {root!r} is not a directory; pass --data_root=PATH to a '
+                                f'folder of images ({", ".join(IMAGE_EXTS)})')
+    files = []
+    for dirpath, dirnames, names in os.walk(root, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith('.'))
+        files += [os.path.join(dirpath, n) for n in names if n.lower().endswith(IMAGE_EXTS)]
+    if not files:
+        raise ValueError(f'no images ({", ".join(IMAGE_EXTS)}) found under {root!r}')
+    return sorted(files, key=lambda p: os.path.relpath(p, root))
+
+
+def _cache_dir(root, cache_dir):
+    """Where a folder's resolution caches live: cache_dir, else root/.automodulator_cache when
+    writable, else ~/.cache/automodulator/<hash of root>."""
+    if cache_dir:
+        return cache_dir
+    here = os.path.join(root, '.automodulator_cache')
+    if os.access(root, os.W_OK):
+        return here
+    digest = hashlib.sha1(os.path.abspath(root).encode()).hexdigest()[:12]
+    return os.path.join(os.path.expanduser('~/.cache/automodulator'), digest)
+
+
+def _decode_all(item):
+    """Worker: decode one file and return it at every requested resolution, or the error text."""
+    path, resolutions = item
+    try:
+        im = _open_rgb(path)
+        return [_crop_resize(im, r).numpy() for r in resolutions], None
+    except Exception as e:                                      # noqa: BLE001 (any decoder failure)
+        return None, f'{type(e).__name__}: {e}'
+
+
+class FolderSource:
+    """Images under a folder, cached once as uint8 arrays at every resolution 4..max_res.
+
+    The cache (one memmap per resolution plus index.json) is built on first use with a progress line
+    and reused afterwards; unreadable files are skipped with a warning that names them, and more than
+    1% of them stops the build. `files` is the sorted list; `split` picks the indices to use.
+    """
+    name = 'folder'
+
+    def __init__(self, root, max_res, indices=None, cache_dir='', num_workers=0, log=print):
+        self.root, self.max_res = root, max_res
+        self.resolutions = [4 * 2 ** i for i in range(int(math.log2(max_res)) - 1)]
+        self.files = list_images(root)
+        self.dir = _cache_dir(root, cache_dir)
+        self.valid = self._build_cache(num_workers, log)       # positions in `files` that decoded
+        self.indices = np.arange(len(self.valid)) if indices is None else self._select(indices)
+        self._maps = {}
+
+    def _select(self, wanted):
+        """Map file positions to rows of the cache (files that failed to decode drop out)."""
+        row_of = {f: r for r, f in enumerate(self.valid)}
+        return np.array([row_of[i] for i in wanted if i in row_of], dtype=np.int64)
+
+    def _paths(self):
+        return os.path.join(self.dir, 'index.json'), {r: os.path.join(self.dir, f'{r}x{r}.u8') for r in self.resolutions}
+
+    def _build_cache(self, num_workers, log):
+        index_path, paths = self._paths()
+        rel = [os.path.relpath(f, self.root) for f in self.files]
+        if os.path.exists(index_path):
+            with open(index_path) as f:
+                index = json.load(f)
+            if index.get('files') == rel and all(os.path.exists(p) for p in paths.values()):
+                return index['valid']
+            log(f'cache in {self.dir} is stale (files or resolutions changed): rebuilding')
+        os.makedirs(self.dir, exist_ok=True)
+        n = len(self.files)
+        maps = {r: np.lib.format.open_memmap(p + '.tmp.npy', 'w+', np.uint8, (n, 3, r, r)) for r, p in paths.items()}
+        valid, bad = [], []
+        items = [(f, self.resolutions) for f in self.files]
+        t0 = last = time.time()
+        for i, (arrays, err) in enumerate(_imap(_decode_all, items, num_workers)):
+            if err is not None:
+                bad.append(rel[i])
+                warnings.warn(f'skipping unreadable image {self.files[i]} ({err}); {len(bad)} skipped so far')
+                if len(bad) > MAX_BAD_FRACTION * n:
+                    raise ValueError(f'more than {MAX_BAD_FRACTION:.0%} of the {n} images under {self.root} '
+                                     f'cannot be read ({len(bad)}, e.g. {bad[:3]}); fix or remove them')
+                continue
+            for r, a in zip(self.resolutions, arrays):
+                maps[r][len(valid)] = a
+            valid.append(i)
+            if time.time() - last > 10:
+                last = time.time()
+                log(f'caching {self.root}: {i + 1}/{n} images, {(i + 1) / (last - t0):.0f} img/s')
+        if not valid:
+            raise ValueError(f'none of the {n} images under {self.root} could be read')
+        for r, p in paths.items():       # rows [0, len(valid)) hold the images that decoded
+            maps[r].flush()
+            del maps[r]
+            os.replace(p + '.tmp.npy', p)
+        with open(index_path + '.tmp', 'w') as f:           # written last: it marks the cache complete
+            json.dump(dict(files=rel, valid=valid, skipped=bad), f)
+        os.replace(index_path + '.tmp', index_path)
+        log(f'cached {len(valid)} images of {self.root} at {self.resolutions[0]}..{self.resolutions[-1]} px '
+            f'in {self.dir} ({time.time() - t0:.1f}s, {len(bad)} skipped)')
+        return valid
+
+    def __len__(self):
+        return len(self.indices)
+
+    def load(self, i, res):
+        if res not in self._maps:       # opened lazily, so each DataLoader worker maps its own
+            self._maps[res] = np.load(self._paths()[1][res], mmap_mode='r')
+        return torch.from_numpy(np.array(self._maps[res][self.indices[i]]))
+
+    def __getstate__(self):             # memmaps do not pickle; workers reopen them
+        return {**self.__dict__, '_maps': {}}
+
+
+def _imap(fn, items, num_workers):
+    """map() in order, in a process pool when num_workers > 0."""
+    if num_workers <= 0:
+        yield from map(fn, items)
+        return
+    import multiprocessing as mp
+    with mp.get_context('spawn' if sys.platform == 'darwin' else 'fork').Pool(num_workers) as pool:
+        yield from pool.imap(fn, items, chunksize=16)
+
+
+class LmdbSource:
+    """LSUN's official lmdb (keys: image ids, values: webp/jpeg bytes), read with the lmdb package.
+
+    The key list is scanned once and cached as <lmdb dir>_keys.npy next to the data (else in
+    ~/.cache/automodulator), so a restart does not rescan millions of keys.
+    """
+    name = 'lsun'
+
+    def __init__(self, path, indices=None, cache_dir='', log=print):
+        try:
+            import lmdb  # noqa: F401 (checked here so the error comes early and clear)
+        except ImportError:
+            raise ImportError('LSUN lmdb files need the lmdb package: pip install lmdb '
+                              '(or export the images to a folder and use --dataset=folder)') from None
+        if not os.path.isdir(path) or not os.path.exists(os.path.join(path, 'data.mdb')):
+            raise FileNotFoundError(f'{path!r} is not an lmdb directory (no data.mdb); pass --data_root='
+                                    f'the LSUN folder, e.g. .../bedroom_train_lmdb')
+        self.path = path
+        self.keys = self._keys(cache_dir, log)
+        self.indices = np.arange(len(self.keys)) if indices is None else np.asarray(indices, dtype=np.int64)
+
+    def _keys(self, cache_dir, log):
+        import lmdb
+        base = os.path.abspath(self.path).rstrip('/')
+        cached = base + '_keys.npy'
+        if not os.access(os.path.dirname(base), os.W_OK) or cache_dir:
+            name = hashlib.sha1(base.encode()).hexdigest()[:12] + '_keys.npy'
+            cached = os.path.join(cache_dir or os.path.expanduser('~/.cache/automodulator'), name)
+        if os.path.exists(cached):
+            return np.load(cached, mmap_mode='r')
+        log(f'scanning the keys of {self.path} once (cached in {cached})')
+        env = lmdb.open(self.path, readonly=True, lock=False, readahead=False, meminit=False, max_readers=64)
+        with env.begin(write=False) as txn:
+            keys = list(txn.cursor().iternext(keys=True, values=False))
+        env.close()
+        if not keys:
+            raise ValueError(f'the lmdb at {self.path} holds no records')
+        arr = np.array(keys, dtype=f'S{max(len(k) for k in keys)}')
+        os.makedirs(os.path.dirname(cached), exist_ok=True)
+        np.save(cached + '.tmp.npy', arr)
+        os.replace(cached + '.tmp.npy', cached)
+        return arr
+
+    def __len__(self):
+        return len(self.indices)
+
+    def load(self, i, res):
+        import io
+        import lmdb
+        env_key = (os.getpid(), self.path)          # lmdb allows one environment per path and process
+        if env_key not in _LMDB_ENVS:
+            _LMDB_ENVS[env_key] = lmdb.open(self.path, readonly=True, lock=False, readahead=False,
+                                            meminit=False, max_readers=64)
+        env = _LMDB_ENVS[env_key]
+        for step in range(len(self.indices)):        # a corrupt record: warn and take the next one
+            key = bytes(self.keys[self.indices[(i + step) % len(self.indices)]])
+            with env.begin(write=False) as txn:
+                value = txn.get(key)
+            try:
+                return _crop_resize(_open_rgb(io.BytesIO(value)), res)
+            except Exception as e:                    # noqa: BLE001
+                warnings.warn(f'skipping unreadable LSUN record {key!r} in {self.path} ({type(e).__name__}: {e})')
+        raise ValueError(f'no record of {self.path} could be decoded')
+
+
+
+_LMDB_ENVS = {}
+
+
+def _split_by_count(n, n_train, split):
+    """Indices: the first n_train for train, the rest for test."""
+    return np.arange(n_train) if split == 'train' else np.arange(n_train, n)
+
+
+def make_source(dataset, data_root='', split='train', max_res=256, seed=0, test_fraction=0.0,
+                cache_dir='', num_workers=0, log=print):
+    """The source of `dataset` (one of DATASETS) and `split` ('train' or 'test').
+
+    folder: sorted files, with a held-out `test_fraction` drawn by a fixed permutation (seed 0, not
+    the run's seed, so every run holds out the same files); ffhq: file order, first 60,000 train and
+    last 10,000 test (the paper); celebahq: file order, first 27,000 train, last 3,000 test (the
+    paper's 27k/3k; the authors split by CelebA index instead); lsun_bedroom: the official train lmdb
+    and the val lmdb beside it for test; lsun_cars: key order, first 4,968,695 train, the rest test.
+    """
+    if dataset not in DATASETS:
+        raise ValueError(f'unknown dataset {dataset!r}; choose one of {", ".join(DATASETS)}')
+    if split not in ('train', 'test'):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    if dataset == 'shapes':
+        return ShapesSource(split, seed)
+    if dataset.startswith('lsun'):
+        if not data_root:
+            raise ValueError(f'{dataset} needs --data_root=PATH to the LSUN lmdb folder')
+        if dataset == 'lsun_bedroom':
+            path = data_root if split == 'train' else data_root.rstrip('/').replace('_train_lmdb', '_val_lmdb')
+            if split == 'test' and path == data_root.rstrip('/'):
+                raise ValueError(f'the LSUN bedroom test split is the official val lmdb beside {data_root} '
+                                 f'(bedroom_val_lmdb); name the train one bedroom_train_lmdb')
+            return LmdbSource(path, cache_dir=cache_dir, log=log)
+        src = LmdbSource(data_root, cache_dir=cache_dir, log=log)
+        n_train = _paper_train_count(len(src), 4_968_695, 552_061, dataset, log)
+        src.indices = _split_by_count(len(src), n_train, split)
+        return src
+    files = list_images(data_root)
+    n = len(files)
+    if dataset == 'folder':
+        perm = np.random.default_rng(0).permutation(n)
+        n_test = int(round(n * test_fraction))
+        wanted = np.sort(perm[:n_test] if split == 'test' else perm[n_test:])
+    else:
+        train, test = (60_000, 10_000) if dataset == 'ffhq' else (27_000, 3_000)
+        wanted = _split_by_count(n, _paper_train_count(n, train, test, dataset, log), split)
+    if len(wanted) == 0:
+        raise ValueError(f'the {split} split of {data_root} is empty ({n} images, test_fraction={test_fraction})')
+    return FolderSource(data_root, max_res, wanted.tolist(), cache_dir, num_workers, log)
+
+
+def _paper_train_count(n, train, test, dataset, log):
+    if n == train + test:
+        return train
+    n_train = int(round(n * train / (train + test)))
+    log(f'warning: {dataset} has {train + test:,} images in the paper, found {n:,}; '
+        f'using the same proportion: first {n_train:,} train, last {n - n_train:,} test')
+    return n_train
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling, loading and the training batch
+
+class ShardSampler(torch.utils.data.Sampler):
+    """An endless stream of index batches for one rank.
+
+    Epoch e is a permutation of range(n) seeded by (seed, e), cut into `world` disjoint shards of
+    equal length (the remainder is left out); rank r walks its shard. `start` is how many samples
+    this rank has already drawn, so a resumed run continues the very same stream.
+    """
+
+    def __init__(self, n, batch, rank=0, world=1, seed=0, start=0):
+        if n // world == 0:
+            raise ValueError(f'{n} images cannot be shared by {world} processes')
+        self.n, self.batch, self.rank, self.world, self.seed, self.start = n, batch, rank, world, seed, start
+        self.per_rank = n // world
+
+    def shard(self, epoch):
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(self.n, generator=g)[self.rank::self.world][:self.per_rank]
+
+    def __iter__(self):
+        epoch, offset = divmod(self.start, self.per_rank)
+        shard = self.shard(epoch)
+        while True:
+            out = []
+            while len(out) < self.batch:
+                take = shard[offset:offset + self.batch - len(out)]
+                out += take.tolist()
+                offset += len(take)
+                if offset == self.per_rank:
+                    epoch, offset = epoch + 1, 0
+                    shard = self.shard(epoch)
+            yield out
+
+
+class _AtResolution(torch.utils.data.Dataset):
+    def __init__(self, source, res):
+        self.source, self.res = source, res
+
+    def __len__(self):
+        return len(self.source)
+
+    def __getitem__(self, i):
+        return self.source.load(i, self.res)
+
+
+def make_loader(source, res, batch, rank=0, world=1, seed=0, start=0, num_workers=0, pin_memory=False):
+    """An iterator of uint8 batches (batch, 3, res, res) from this rank's shard, endless."""
+    sampler = ShardSampler(len(source), batch, rank, world, seed, start)
+    if isinstance(source, ShapesSource):            # rendered in bulk, faster than any worker pool
+        return (source.load_batch(idx, res) for idx in sampler)
+    loader = torch.utils.data.DataLoader(_AtResolution(source, res), batch_sampler=sampler,
+                                         num_workers=num_workers, pin_memory=pin_memory,
+                                         prefetch_factor=4 if num_workers else None)
+    return iter(loader)
+
+
+def fade(x, alpha):
+    """The real images' fade-in: alpha x + (1 - alpha) up2(down2(x)), as the decoder blends."""
+    if alpha >= 1:
+        return x
+    low = F.interpolate(F.avg_pool2d(x, 2), scale_factor=2, mode='nearest')
+    return torch.lerp(low, x, alpha)
+
+
+def prepare_batch(x, alpha=1.0, device='cpu', generator=None, flip=True, pairs=False):
+    """uint8 (B, 3, res, res) -> float [-1, 1] on device: random horizontal flips (drawn from
+    `generator` on the CPU, so runs reproduce on any device), the fade-in blend, and with pairs=True
+    the second half of the batch replaced by mirrors of the first (x, flip(x)) for the invariance loss."""
+    x = x.to(device, non_blocking=True).float().div_(127.5).sub_(1)
+    if flip:
+        mirror = (torch.rand(x.shape[0], generator=generator) < 0.5).to(x.device)
+        x = torch.where(mirror[:, None, None, None], x.flip(-1), x)
+    if pairs:
+        if x.shape[0] % 2:
+            raise ValueError(f'pairs need an even batch, got {x.shape[0]}')
+        half = x[:x.shape[0] // 2]
+        x = torch.cat([half, half.flip(-1)])
+    return fade(x, alpha)

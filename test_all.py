@@ -5,11 +5,13 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 import configurator
+import data as D
 import losses as L
 import model as M
 
@@ -411,6 +413,153 @@ def test_loss_bad_input():
 
 
 # ---------------------------------------------------------------------------------------------
+# data.py
+
+def _write_images(folder, n_plain=0):
+    """A folder with the awkward cases: grayscale, RGBA, 16-bit, non-square, corrupt, nested."""
+    from PIL import Image
+    os.makedirs(folder / 'sub', exist_ok=True)
+    Image.new('L', (20, 20), 100).save(folder / 'gray.png')
+    rgba = Image.new('RGBA', (16, 16), (255, 0, 0, 255))
+    rgba.paste((0, 0, 255, 0), (0, 0, 8, 16))                 # left half fully transparent
+    rgba.save(folder / 'rgba.png')
+    Image.fromarray(np.full((16, 16), 65535, dtype=np.uint16)).save(folder / 'deep16.png')
+    wide = np.zeros((16, 48, 3), dtype=np.uint8)
+    wide[:, 16:32] = (0, 0, 255)                               # blue square in the middle, red sides
+    wide[:, :16] = wide[:, 32:] = (255, 0, 0)
+    Image.fromarray(wide).save(folder / 'sub' / 'wide.png')
+    Image.new('RGB', (12, 12), (0, 200, 0)).save(folder / 'sub' / 'green.jpg')
+    (folder / 'broken.png').write_bytes(b'not an image at all')
+    for k in range(n_plain):
+        Image.new('RGB', (8, 8), (k % 256, 50, 60)).save(folder / f'plain_{k:03d}.png')
+
+
+def test_folder_converts_awkward_images_and_skips_corrupt_ones(tmp_path):
+    root = tmp_path / 'imgs'
+    _write_images(root, n_plain=100)                           # 1 corrupt file in 106: within 1%
+    logs = []
+    with pytest.warns(UserWarning, match=r'skipping unreadable image .*broken.png.*1 skipped'):
+        src = D.make_source('folder', str(root), max_res=8, log=logs.append)
+    assert len(src) == 105 and any('1 skipped' in m for m in logs)
+    by_name = {os.path.basename(src.files[v]): r for r, v in enumerate(src.valid)}
+    gray = src.load(list(src.indices).index(by_name['gray.png']), 8)
+    assert gray.shape == (3, 8, 8) and (gray == 100).all()
+    rgba = src.load(list(src.indices).index(by_name['rgba.png']), 8)
+    assert (rgba[:, :, :3] == 255).all() and tuple(rgba[:, 4, 6]) == (255, 0, 0)   # transparent -> white
+    deep = src.load(list(src.indices).index(by_name['deep16.png']), 4)
+    assert (deep == 255).all()                                 # 16-bit white stays white
+    wide = src.load(list(src.indices).index(by_name['wide.png']), 8).int()
+    assert (wide[2] > 230).all() and (wide[0] < 25).all()     # center-cropped: only the blue square
+    # the per-resolution cache is reused: a second source does not decode again
+    logs.clear()
+    again = D.make_source('folder', str(root), max_res=8, log=logs.append)
+    assert logs == [] and torch.equal(again.load(5, 8), src.load(5, 8))
+
+
+def test_folder_bad_input(tmp_path):
+    with pytest.raises(ValueError, match='--data_root'):
+        D.make_source('folder', '')
+    with pytest.raises(FileNotFoundError, match='not a directory'):
+        D.make_source('folder', str(tmp_path / 'missing'))
+    (tmp_path / 'empty').mkdir()
+    with pytest.raises(ValueError, match='no images'):
+        D.make_source('folder', str(tmp_path / 'empty'))
+    with pytest.raises(ValueError, match=r'unknown dataset .*shapes, folder, ffhq, celebahq, lsun_bedroom, lsun_cars'):
+        D.make_source('imagenet')
+    _write_images(tmp_path / 'few', n_plain=5)                 # 1 corrupt in 11: more than 1%
+    with pytest.raises(ValueError, match=r'more than 1% .*broken.png'), pytest.warns(UserWarning):
+        D.make_source('folder', str(tmp_path / 'few'), max_res=8, cache_dir=str(tmp_path / 'c'))
+
+
+def test_folder_split_and_loader_with_workers(tmp_path):
+    from PIL import Image
+    root = tmp_path / 'ffhq'
+    root.mkdir()
+    for k in range(14):
+        Image.new('RGB', (8, 8), (k * 10, 0, 0)).save(root / f'{k:05d}.png')
+    logs = []
+    train = D.make_source('ffhq', str(root), 'train', max_res=8, log=logs.append)
+    test = D.make_source('ffhq', str(root), 'test', max_res=8, log=logs.append)
+    assert len(train) == 12 and len(test) == 2 and any('60,000' in m or '70,000' in m for m in logs)
+    assert test.load(0, 8)[0, 0, 0] == 120 and test.load(1, 8)[0, 0, 0] == 130    # the last files
+    held = D.make_source('folder', str(root), 'test', max_res=8, test_fraction=0.25)
+    rest = D.make_source('folder', str(root), 'train', max_res=8, test_fraction=0.25)
+    assert len(held) == 4 and len(rest) == 10 and not set(held.indices) & set(rest.indices)
+    batches = D.make_loader(train, 8, batch=5, num_workers=2)
+    first = next(batches)
+    assert first.shape == (5, 3, 8, 8) and first.dtype == torch.uint8
+
+
+def test_lsun_lmdb_keys_cached_and_split(tmp_path):
+    lmdb = pytest.importorskip('lmdb')
+    from PIL import Image
+    import io
+    path = tmp_path / 'car'
+    env = lmdb.open(str(path), map_size=1 << 24)
+    with env.begin(write=True) as txn:
+        for k in range(12):
+            buf = io.BytesIO()
+            Image.new('RGB', (24, 16), (20 * k, 0, 0)).save(buf, format='WEBP', lossless=True)
+            txn.put(f'{k:040x}'.encode(), buf.getvalue() if k != 3 else b'corrupt record')
+    env.close()
+    logs = []
+    train = D.make_source('lsun_cars', str(path), 'train', log=logs.append)
+    assert os.path.exists(str(path) + '_keys.npy') and any('scanning' in m for m in logs)
+    assert len(train) == 11 and any('4,968,695' in m or 'proportion' in m for m in logs)  # 12 * 0.9 = 11
+    assert train.load(2, 8).shape == (3, 8, 8) and train.load(2, 8)[0, 0, 0] == 40    # 24x16 center-cropped
+    with pytest.warns(UserWarning, match='skipping unreadable LSUN record'):
+        assert train.load(3, 8)[0, 0, 0] == 80                  # the corrupt record falls back to the next
+    logs.clear()
+    test = D.make_source('lsun_cars', str(path), 'test', log=logs.append)
+    assert not any('scanning' in m for m in logs) and len(test) == 1 and test.load(0, 4)[0, 0, 0] == 220
+
+
+def test_shapes_are_deterministic_and_estimable():
+    a, fa = D.render_shapes(torch.tensor([3, 9, 12]), 32)
+    b, fb = D.render_shapes(torch.tensor([12]), 32)
+    assert torch.equal(a[2], b[0]) and fa['shape'][2] == fb['shape'][0]
+    assert not torch.equal(D.render_shapes(torch.tensor([12]), 32, seed=1)[0], b)
+    assert a.min() >= -1 and a.max() <= 1
+    train, test = D.ShapesSource('train'), D.ShapesSource('test')
+    assert not torch.equal(train.load_batch([0], 16), test.load_batch([0], 16))
+    for res in (32, 64):
+        src = D.ShapesSource('test')
+        idx = list(range(1000))
+        x = src.load_batch(idx, res).float() / 127.5 - 1
+        ok = D.factor_errors(D.estimate_factors(x), src.factors(idx))
+        for k, v in ok.items():
+            assert v.float().mean() >= 0.95, (res, k, v.float().mean())
+    # the estimator is not trivially right: a mismatched pairing fails it
+    wrong = D.factor_errors(D.estimate_factors(x), src.factors(list(range(1, 1001))))
+    assert wrong['x'].float().mean() < 0.2 and wrong['color'].float().mean() < 0.2
+
+
+def test_fade_blend_endpoints_and_pairs():
+    x = D.ShapesSource().load_batch(list(range(4)), 16)
+    real = x.float() / 127.5 - 1
+    assert torch.equal(D.prepare_batch(x, 1.0, flip=False), real)
+    low = F.interpolate(F.avg_pool2d(real, 2), scale_factor=2, mode='nearest')
+    assert torch.allclose(D.prepare_batch(x, 0.0, flip=False), low)
+    assert torch.allclose(D.prepare_batch(x, 0.3, flip=False), 0.3 * real + 0.7 * low, atol=1e-6)
+    g = torch.Generator().manual_seed(0)
+    flipped = D.prepare_batch(x, 1.0, generator=g)
+    assert all(torch.equal(f, r) or torch.equal(f, r.flip(-1)) for f, r in zip(flipped, real))
+    pairs = D.prepare_batch(x, 1.0, flip=False, pairs=True)
+    assert torch.equal(pairs[:2], real[:2]) and torch.equal(pairs[2:], real[:2].flip(-1))
+
+
+def test_shards_are_disjoint_and_resumable():
+    s0, s1 = D.ShardSampler(10, 5, rank=0, world=2, seed=7), D.ShardSampler(10, 5, rank=1, world=2, seed=7)
+    a, b = next(iter(s0)), next(iter(s1))
+    assert not set(a) & set(b) and sorted(a + b) == list(range(10))
+    stream = iter(D.ShardSampler(10, 3, seed=7))
+    flat = [i for _ in range(5) for i in next(stream)]          # 15 samples, across an epoch end
+    resumed = iter(D.ShardSampler(10, 3, seed=7, start=6))
+    assert [i for _ in range(3) for i in next(resumed)] == flat[6:15]
+    assert next(iter(D.ShardSampler(10, 5, seed=8))) != a
+
+
+# ---------------------------------------------------------------------------------------------
 # configurator.py
 
 def _globals():
@@ -469,7 +618,7 @@ def test_configurator_help_lists_globals_with_defaults_and_comments(tmp_path):
 def test_ci_runs_the_readme_test_command():
     ci = open(os.path.join(HERE, '.ci', 'run')).read()
     readme = open(os.path.join(HERE, 'README.md')).read()
-    for command in ('pip install -r requirements.txt pytest', 'python -m pytest -q test_all.py'):
+    for command in ('pip install -r requirements.txt pytest lmdb', 'python -m pytest -q test_all.py'):
         assert command in ci and command in readme
 
 
