@@ -97,6 +97,11 @@ def _coverage(shape, cx, cy, size, res):
 def render_shapes(index, res, seed=0):
     """Render shapes images: (float images (B, 3, res, res) in [-1, 1], factors dict)."""
     f = shapes_factors(index, seed)
+    return render_factors(f, res), f
+
+
+def render_factors(f, res):
+    """Render images (B, 3, res, res) in [-1, 1] from a factors dict (as shapes_factors returns)."""
     cov = _coverage(f['shape'], f['x'], f['y'], f['size'], res)[:, None]
     t = (torch.arange(res, dtype=torch.float32) + 0.5) / res
     along = torch.where(f['texture'][:, None, None] == 0,
@@ -107,7 +112,7 @@ def render_shapes(index, res, seed=0):
     stripes = stripes * float(np.sinc(STRIPE_FREQ / res))
     obj = f['color'][:, :, None, None] + STRIPE_AMP * stripes[:, None]
     img = f['background'][:, :, None, None] * (1 - cov) + obj * cov
-    return img * 2 - 1, f
+    return img * 2 - 1
 
 
 def estimate_factors(images):
@@ -473,34 +478,35 @@ def _paper_train_count(n, train, test, dataset, log):
 class ShardSampler(torch.utils.data.Sampler):
     """An endless stream of index batches for one rank.
 
-    Epoch e is a permutation of range(n) seeded by (seed, e), cut into `world` disjoint shards of
-    equal length (the remainder is left out); rank r walks its shard. `start` is how many samples
-    this rank has already drawn, so a resumed run continues the very same stream.
+    One global stream of indices for all ranks: epoch e is a permutation of range(n) seeded by
+    (seed, e). Each step takes the next batch * world indices, and rank r keeps the r-th chunk of
+    `batch`: ranks never share an image, and N processes together read exactly what one process with
+    an N times larger batch would. `start` counts the global samples already drawn, so a resumed run
+    continues the very same stream.
     """
 
     def __init__(self, n, batch, rank=0, world=1, seed=0, start=0):
-        if n // world == 0:
-            raise ValueError(f'{n} images cannot be shared by {world} processes')
+        if n < batch * world:
+            raise ValueError(f'{n} images are fewer than one global batch ({batch} x {world} processes)')
         self.n, self.batch, self.rank, self.world, self.seed, self.start = n, batch, rank, world, seed, start
-        self.per_rank = n // world
 
-    def shard(self, epoch):
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        return torch.randperm(self.n, generator=g)[self.rank::self.world][:self.per_rank]
+    def permutation(self, epoch):
+        return torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch))
 
     def __iter__(self):
-        epoch, offset = divmod(self.start, self.per_rank)
-        shard = self.shard(epoch)
+        epoch, offset = divmod(self.start, self.n)
+        perm = self.permutation(epoch)
+        size = self.batch * self.world
         while True:
             out = []
-            while len(out) < self.batch:
-                take = shard[offset:offset + self.batch - len(out)]
+            while len(out) < size:
+                take = perm[offset:offset + size - len(out)]
                 out += take.tolist()
                 offset += len(take)
-                if offset == self.per_rank:
+                if offset == self.n:
                     epoch, offset = epoch + 1, 0
-                    shard = self.shard(epoch)
-            yield out
+                    perm = self.permutation(epoch)
+            yield out[self.rank * self.batch:(self.rank + 1) * self.batch]
 
 
 class _AtResolution(torch.utils.data.Dataset):
@@ -533,13 +539,15 @@ def fade(x, alpha):
     return torch.lerp(low, x, alpha)
 
 
-def prepare_batch(x, alpha=1.0, device='cpu', generator=None, flip=True, pairs=False):
+def prepare_batch(x, alpha=1.0, device='cpu', generator=None, flip=True, pairs=False, rank=0, world=1):
     """uint8 (B, 3, res, res) -> float [-1, 1] on device: random horizontal flips (drawn from
-    `generator` on the CPU, so runs reproduce on any device), the fade-in blend, and with pairs=True
-    the second half of the batch replaced by mirrors of the first (x, flip(x)) for the invariance loss."""
+    `generator` on the CPU for the global batch, this rank's slice kept, so runs reproduce on any
+    device and any number of processes), the fade-in blend, and with pairs=True the second half of
+    the batch replaced by mirrors of the first (x, flip(x)) for the invariance loss."""
     x = x.to(device, non_blocking=True).float().div_(127.5).sub_(1)
+    b = x.shape[0]
     if flip:
-        mirror = (torch.rand(x.shape[0], generator=generator) < 0.5).to(x.device)
+        mirror = (torch.rand(b * world, generator=generator)[rank * b:(rank + 1) * b] < 0.5).to(x.device)
         x = torch.where(mirror[:, None, None, None], x.flip(-1), x)
     if pairs:
         if x.shape[0] % 2:

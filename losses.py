@@ -248,21 +248,28 @@ class Fakes(NamedTuple):
     j: int                          # split: z_a on blocks [0, j), z_b on [j, ...); 0 = no mixing
 
 
-def fake_batch(decoder, n, res, alpha, mix_ratio=MIX_RATIO, generator=None, noise=True):
+def fake_batch(decoder, n, res, alpha, mix_ratio=MIX_RATIO, generator=None, noise=True, rank=0, world=1):
     """x_hat of Eq. 6: (1 - mix_ratio) of the batch decoded from z ~ prior, the rest mixed with
     z_A, z_B ~ prior and j ~ U{1, ..., n_current - 1} drawn once per batch (canvases differ in size
-    per j). At 4x4 there is a single block and nothing to mix."""
+    per j). At 4x4 there is a single block and nothing to mix.
+
+    With world > 1 every rank draws the codes of the whole global batch from the same `generator`
+    and keeps its own slice, so N processes see exactly the samples of one process with N times n.
+    """
     device = decoder.const.device
     nz = decoder.cfg.nz
     top = level(res, decoder.cfg.max_res)
     n_mix = int(round(n * mix_ratio)) if top > 0 else 0
-    z = sample_prior(n - n_mix, nz, device, generator)
+    n_reg = n - n_mix
+
+    def prior(k):
+        return sample_prior(k * world, nz, generator=generator)[rank * k:(rank + 1) * k].to(device)
+
+    z = prior(n_reg)
     if n_mix == 0:
         return Fakes(decoder(z, res, alpha, noise=noise), z, z[:0], None, 0)
-    j = int(torch.randint(1, top + 1, (), generator=generator,
-                          device=generator.device if generator is not None else 'cpu'))
-    z_a = sample_prior(n_mix, nz, device, generator)
-    z_b = sample_prior(n_mix, nz, device, generator)
+    j = int(torch.randint(1, top + 1, (), generator=generator))
+    z_a, z_b = prior(n_mix), prior(n_mix)
     xi = decoder.canvas(z_a, j, noise=noise)
     mixed = decoder(z_b, res, alpha, noise=noise, canvas=xi, start=j)
     return Fakes(torch.cat([decoder(z, res, alpha, noise=noise), mixed]), z, z_a, xi, j)
@@ -274,18 +281,23 @@ def layer_loss(decoder, z_ab, canvas, j, noise=True):
     return F.mse_loss(decoder.canvas(z_ab, j, noise=noise), canvas)
 
 
+def _same(z):
+    return z
+
+
 def encoder_loss(encoder, decoder, robust, x, fakes, res, alpha, margin, lambda_x=LAMBDA_X_STABLE,
-                 extra_kl=False, upper_clamp=False):
+                 extra_kl=False, upper_clamp=False, gather=_same):
     """L_phi of Eq. 6: max(-M_gap, KL(phi(x)) - KL(phi(x_hat))) + lambda_X d_rho(x, theta(phi(x))).
 
     fakes: images x_hat (made under no_grad). The decoder's parameters should be frozen by the
     caller; the reconstruction gradient flows through it into the encoder and the robust loss.
     extra_kl: the authors' code adds KL(phi(x)) once more, outside the clamp (reference doc 2.2).
-    Returns the loss and a dict of detached parts for logging.
+    gather: concatenates the latents of all processes (with gradient), so that the KL, a batch
+    statistic, sees the global batch. Returns the loss and a dict of detached parts for logging.
     """
     z = encoder(x, res, alpha)
-    kl_real = kl_latent(z)
-    kl_fake = kl_latent(encoder(fakes, res, alpha))
+    kl_real = kl_latent(gather(z))
+    kl_fake = kl_latent(gather(encoder(fakes, res, alpha)))
     adversarial = margin_kl(kl_real, kl_fake, margin, upper_clamp)
     recon = robust(decoder(z, res, alpha) - x)
     loss = adversarial + lambda_x * recon + (kl_real if extra_kl else 0)
@@ -294,16 +306,16 @@ def encoder_loss(encoder, decoder, robust, x, fakes, res, alpha, margin, lambda_
 
 
 def decoder_loss(encoder, decoder, n, res, alpha, mix_ratio=MIX_RATIO, lambda_z=LAMBDA_Z,
-                 lambda_j=LAMBDA_J, generator=None, noise=True):
+                 lambda_j=LAMBDA_J, generator=None, noise=True, rank=0, world=1, gather=_same):
     """L_theta of Eq. 6: KL(phi(x_hat)) + lambda_Z d_cos(z, phi(theta(z))) + lambda_j L_j.
 
     The KL covers the whole batch; d_cos the regular samples; L_j the mixed ones (second pass,
     Fig. 3c). The encoder's parameters should be frozen by the caller; gradients flow through it.
     """
-    fakes = fake_batch(decoder, n, res, alpha, mix_ratio, generator, noise)
+    fakes = fake_batch(decoder, n, res, alpha, mix_ratio, generator, noise, rank, world)
     z_hat = encoder(fakes.images, res, alpha)
     n_reg = fakes.z.shape[0]
-    kl_fake = kl_latent(z_hat)
+    kl_fake = kl_latent(gather(z_hat))
     cos = d_cos(fakes.z, z_hat[:n_reg]) if n_reg else z_hat.new_zeros(())
     lj = layer_loss(decoder, z_hat[n_reg:], fakes.canvas, fakes.j, noise) if fakes.j else z_hat.new_zeros(())
     loss = kl_fake + lambda_z * cos + lambda_j * lj

@@ -1,8 +1,593 @@
-"""FID with its own Inception, LPIPS, PPL and a ground-truth mixing score.
+"""Metrics of the paper (Sec. 4, Tables 1-2, A.1) with their protocols in their names.
 
-Not written yet: issue #7 builds it.
+    python metrics.py --metric=fid         # fid50k: 50k prior samples vs the training set's statistics
+    python metrics.py --metric=fid --fid_count=5000      # ... recorded as fid5k
+    python metrics.py --metric=fid_rec     # FID of reconstructions of held-out images vs those images
+    python metrics.py --metric=lpips_rec   # Table 2a: held-out images vs reconstructions (LPIPS)
+    python metrics.py --metric=ppl         # perceptual path length (A.1), VGG LPIPS
+    python metrics.py --metric=mix         # shapes only: which factors follow A and B under mixing
+
+Each prints its value and appends one JSON line to out_dir/metrics.jsonl. The networks are written
+here: `InceptionV3` is the TensorFlow FID graph (it loads pt_inception-2015-12-05-6726825d.pth, the
+standard PyTorch port of its weights, without renaming) and `LPIPS` is LPIPS v0.1 (torchvision
+VGG16/AlexNet features and the official linear heads). Weights come from a local path (a global per
+file) or the official URL through torch.hub's cache; without either, the error names both.
 """
+import json
+import math
+import os
 import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import data
+import model
+from configurator import configure
+
+FID_URL = 'https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth'
+LPIPS_URLS = {'vgg': 'https://github.com/richzhang/PerceptualSimilarity/raw/master/lpips/weights/v0.1/vgg.pth',
+              'alex': 'https://github.com/richzhang/PerceptualSimilarity/raw/master/lpips/weights/v0.1/alex.pth'}
+BACKBONE_URLS = {'vgg': 'https://download.pytorch.org/models/vgg16-397923af.pth',
+                 'alex': 'https://download.pytorch.org/models/alexnet-owt-7be5be79.pth'}
+
+
+class MissingWeights(RuntimeError):
+    pass
+
+
+def load_weights(path, url, option):
+    """A state dict from `path` if given, else from `url` through torch.hub's download cache."""
+    if path:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f'--{option}={path} does not exist; download {url} to it')
+        return torch.load(path, map_location='cpu', weights_only=True)
+    cached = os.path.join(torch.hub.get_dir(), 'checkpoints', os.path.basename(url))
+    try:
+        return torch.hub.load_state_dict_from_url(url, map_location='cpu', progress=True)
+    except Exception as e:                                        # noqa: BLE001 (no network, 404, ...)
+        raise MissingWeights(f'cannot get the weights {url} ({type(e).__name__}: {e}). Download the file by '
+                           f'hand and put it at {cached}, or pass its path with --{option}=PATH') from None
+
+
+# --------------------------------------------------------------------------------------------
+# Inception-v3 as in the TensorFlow FID graph (2015-12-05)
+
+class BasicConv2d(nn.Module):
+    def __init__(self, cin, cout, **kw):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, bias=False, **kw)
+        self.bn = nn.BatchNorm2d(cout, eps=0.001)
+
+    def forward(self, x):
+        return F.relu(self.bn(self.conv(x)))
+
+
+def _avg3(x):
+    # the TF graph averages over the valid pixels only; torchvision's Inception counts the padding
+    return F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
+
+
+class InceptionA(nn.Module):
+    def __init__(self, cin, pool_features):
+        super().__init__()
+        self.branch1x1 = BasicConv2d(cin, 64, kernel_size=1)
+        self.branch5x5_1 = BasicConv2d(cin, 48, kernel_size=1)
+        self.branch5x5_2 = BasicConv2d(48, 64, kernel_size=5, padding=2)
+        self.branch3x3dbl_1 = BasicConv2d(cin, 64, kernel_size=1)
+        self.branch3x3dbl_2 = BasicConv2d(64, 96, kernel_size=3, padding=1)
+        self.branch3x3dbl_3 = BasicConv2d(96, 96, kernel_size=3, padding=1)
+        self.branch_pool = BasicConv2d(cin, pool_features, kernel_size=1)
+
+    def forward(self, x):
+        return torch.cat([self.branch1x1(x), self.branch5x5_2(self.branch5x5_1(x)),
+                          self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
+                          self.branch_pool(_avg3(x))], 1)
+
+
+class InceptionB(nn.Module):
+    def __init__(self, cin):
+        super().__init__()
+        self.branch3x3 = BasicConv2d(cin, 384, kernel_size=3, stride=2)
+        self.branch3x3dbl_1 = BasicConv2d(cin, 64, kernel_size=1)
+        self.branch3x3dbl_2 = BasicConv2d(64, 96, kernel_size=3, padding=1)
+        self.branch3x3dbl_3 = BasicConv2d(96, 96, kernel_size=3, stride=2)
+
+    def forward(self, x):
+        return torch.cat([self.branch3x3(x), self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
+                          F.max_pool2d(x, 3, stride=2)], 1)
+
+
+class InceptionC(nn.Module):
+    def __init__(self, cin, c7):
+        super().__init__()
+        self.branch1x1 = BasicConv2d(cin, 192, kernel_size=1)
+        self.branch7x7_1 = BasicConv2d(cin, c7, kernel_size=1)
+        self.branch7x7_2 = BasicConv2d(c7, c7, kernel_size=(1, 7), padding=(0, 3))
+        self.branch7x7_3 = BasicConv2d(c7, 192, kernel_size=(7, 1), padding=(3, 0))
+        self.branch7x7dbl_1 = BasicConv2d(cin, c7, kernel_size=1)
+        self.branch7x7dbl_2 = BasicConv2d(c7, c7, kernel_size=(7, 1), padding=(3, 0))
+        self.branch7x7dbl_3 = BasicConv2d(c7, c7, kernel_size=(1, 7), padding=(0, 3))
+        self.branch7x7dbl_4 = BasicConv2d(c7, c7, kernel_size=(7, 1), padding=(3, 0))
+        self.branch7x7dbl_5 = BasicConv2d(c7, 192, kernel_size=(1, 7), padding=(0, 3))
+        self.branch_pool = BasicConv2d(cin, 192, kernel_size=1)
+
+    def forward(self, x):
+        b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
+        d7 = self.branch7x7dbl_1(x)
+        for layer in (self.branch7x7dbl_2, self.branch7x7dbl_3, self.branch7x7dbl_4, self.branch7x7dbl_5):
+            d7 = layer(d7)
+        return torch.cat([self.branch1x1(x), b7, d7, self.branch_pool(_avg3(x))], 1)
+
+
+class InceptionD(nn.Module):
+    def __init__(self, cin):
+        super().__init__()
+        self.branch3x3_1 = BasicConv2d(cin, 192, kernel_size=1)
+        self.branch3x3_2 = BasicConv2d(192, 320, kernel_size=3, stride=2)
+        self.branch7x7x3_1 = BasicConv2d(cin, 192, kernel_size=1)
+        self.branch7x7x3_2 = BasicConv2d(192, 192, kernel_size=(1, 7), padding=(0, 3))
+        self.branch7x7x3_3 = BasicConv2d(192, 192, kernel_size=(7, 1), padding=(3, 0))
+        self.branch7x7x3_4 = BasicConv2d(192, 192, kernel_size=3, stride=2)
+
+    def forward(self, x):
+        b7 = x
+        for layer in (self.branch7x7x3_1, self.branch7x7x3_2, self.branch7x7x3_3, self.branch7x7x3_4):
+            b7 = layer(b7)
+        return torch.cat([self.branch3x3_2(self.branch3x3_1(x)), b7, F.max_pool2d(x, 3, stride=2)], 1)
+
+
+class InceptionE(nn.Module):
+    def __init__(self, cin, max_pool):
+        super().__init__()
+        self.max_pool = max_pool      # the last block of the TF graph max-pools in its pool branch
+        self.branch1x1 = BasicConv2d(cin, 320, kernel_size=1)
+        self.branch3x3_1 = BasicConv2d(cin, 384, kernel_size=1)
+        self.branch3x3_2a = BasicConv2d(384, 384, kernel_size=(1, 3), padding=(0, 1))
+        self.branch3x3_2b = BasicConv2d(384, 384, kernel_size=(3, 1), padding=(1, 0))
+        self.branch3x3dbl_1 = BasicConv2d(cin, 448, kernel_size=1)
+        self.branch3x3dbl_2 = BasicConv2d(448, 384, kernel_size=3, padding=1)
+        self.branch3x3dbl_3a = BasicConv2d(384, 384, kernel_size=(1, 3), padding=(0, 1))
+        self.branch3x3dbl_3b = BasicConv2d(384, 384, kernel_size=(3, 1), padding=(1, 0))
+        self.branch_pool = BasicConv2d(cin, 192, kernel_size=1)
+
+    def forward(self, x):
+        b3 = self.branch3x3_1(x)
+        d3 = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
+        pool = F.max_pool2d(x, 3, stride=1, padding=1) if self.max_pool else _avg3(x)
+        return torch.cat([self.branch1x1(x), self.branch3x3_2a(b3), self.branch3x3_2b(b3),
+                          self.branch3x3dbl_3a(d3), self.branch3x3dbl_3b(d3), self.branch_pool(pool)], 1)
+
+
+class InceptionV3(nn.Module):
+    """The FID feature extractor: images (N, 3, H, W) in [0, 1] -> pool3 features (N, 2048).
+
+    Module names follow torchvision's Inception3, so the state dict of the standard port of the TF
+    FID weights (pt_inception-2015-12-05-6726825d.pth, 1008 classes) loads without renaming.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.Conv2d_1a_3x3 = BasicConv2d(3, 32, kernel_size=3, stride=2)
+        self.Conv2d_2a_3x3 = BasicConv2d(32, 32, kernel_size=3)
+        self.Conv2d_2b_3x3 = BasicConv2d(32, 64, kernel_size=3, padding=1)
+        self.Conv2d_3b_1x1 = BasicConv2d(64, 80, kernel_size=1)
+        self.Conv2d_4a_3x3 = BasicConv2d(80, 192, kernel_size=3)
+        self.Mixed_5b = InceptionA(192, pool_features=32)
+        self.Mixed_5c = InceptionA(256, pool_features=64)
+        self.Mixed_5d = InceptionA(288, pool_features=64)
+        self.Mixed_6a = InceptionB(288)
+        self.Mixed_6b = InceptionC(768, c7=128)
+        self.Mixed_6c = InceptionC(768, c7=160)
+        self.Mixed_6d = InceptionC(768, c7=160)
+        self.Mixed_6e = InceptionC(768, c7=192)
+        self.Mixed_7a = InceptionD(768)
+        self.Mixed_7b = InceptionE(1280, max_pool=False)
+        self.Mixed_7c = InceptionE(2048, max_pool=True)
+        self.fc = nn.Linear(2048, 1008)             # logits are not used; kept so the file loads as is
+        self.eval()
+
+    def forward(self, x):
+        x = F.interpolate(x, size=(299, 299), mode='bilinear', align_corners=False)
+        x = 2 * x - 1                                # the TF graph's input scaling
+        x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))
+        x = F.max_pool2d(x, 3, stride=2)
+        x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x))
+        x = F.max_pool2d(x, 3, stride=2)
+        for name in ('5b', '5c', '5d', '6a', '6b', '6c', '6d', '6e', '7a', '7b', '7c'):
+            x = getattr(self, 'Mixed_' + name)(x)
+        return x.mean((2, 3))                        # pool3: (N, 2048)
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2):
+    """|mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)), in float64.
+
+    tr((S1 S2)^(1/2)) = tr((A S2 A)^(1/2)) with A = S1^(1/2), computed with symmetric eigensolvers
+    only: A from eigh(S1) with round-off negatives clipped to 0, then the square roots of the
+    (clipped) eigenvalues of the symmetric A S2 A. So rank-deficient covariances (fewer samples than
+    features) stay finite and exact, where a general eigensolver or sqrtm of S1 S2 loses accuracy.
+    """
+    mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
+    s1, s2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
+    if mu1.shape != mu2.shape or s1.shape != s2.shape:
+        raise ValueError(f'statistics differ in shape: mu {mu1.shape} vs {mu2.shape}, sigma {s1.shape} vs {s2.shape}')
+    lam, u = np.linalg.eigh((s1 + s1.T) / 2)
+    a = (u * np.sqrt(np.clip(lam, 0, None))) @ u.T
+    m = a @ s2 @ a
+    tr_sqrt = np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0, None)).sum()
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * tr_sqrt)
+
+
+# --------------------------------------------------------------------------------------------
+# LPIPS v0.1 (Zhang et al. 2018)
+
+_TAPS = {'vgg': ((3, 8, 15, 22, 29), (64, 128, 256, 512, 512)),      # relu1_2 .. relu5_3
+         'alex': ((1, 4, 7, 9, 11), (64, 192, 384, 256, 256))}       # relu1 .. relu5
+
+
+def _vgg16_features():
+    """torchvision's vgg16().features up to relu5_3 (same indices, so its state dict loads)."""
+    layers, cin = [], 3
+    for v in (64, 64, 'M', 128, 128, 'M', 256, 256, 256, 'M', 512, 512, 512, 'M', 512, 512, 512):
+        if v == 'M':
+            layers.append(nn.MaxPool2d(2, 2))
+        else:
+            layers += [nn.Conv2d(cin, v, 3, padding=1), nn.ReLU()]
+            cin = v
+    return nn.Sequential(*layers)
+
+
+def _alexnet_features():
+    """torchvision's alexnet().features up to relu5."""
+    return nn.Sequential(nn.Conv2d(3, 64, 11, 4, 2), nn.ReLU(), nn.MaxPool2d(3, 2), nn.Conv2d(64, 192, 5, padding=2),
+                         nn.ReLU(), nn.MaxPool2d(3, 2), nn.Conv2d(192, 384, 3, padding=1), nn.ReLU(),
+                         nn.Conv2d(384, 256, 3, padding=1), nn.ReLU(), nn.Conv2d(256, 256, 3, padding=1), nn.ReLU())
+
+
+class LPIPS(nn.Module):
+    """LPIPS distance: unit-normalized backbone features, squared differences weighted by the learned
+    1x1 heads, averaged over space and summed over layers. forward(x, y) with images in [-1, 1]
+    returns (N,) distances. backbone / heads: a path or a state dict ('' = the official URL)."""
+
+    def __init__(self, net='vgg', backbone='', heads=''):
+        super().__init__()
+        if net not in _TAPS:
+            raise ValueError(f"LPIPS net must be 'vgg' or 'alex', got {net!r}")
+        taps, channels = _TAPS[net]
+        self.features = _vgg16_features() if net == 'vgg' else _alexnet_features()
+        sd = backbone if isinstance(backbone, dict) else load_weights(backbone, BACKBONE_URLS[net], f'{net}_backbone')
+        # the torchvision file's features.N.* only: the classifier is not needed
+        self.features.load_state_dict({k[len('features.'):]: v for k, v in sd.items() if k.startswith('features.')})
+        self.taps = taps
+        self.heads = nn.ModuleList([nn.Conv2d(c, 1, 1, bias=False) for c in channels])
+        hd = heads if isinstance(heads, dict) else load_weights(heads, LPIPS_URLS[net], f'lpips_{net}')
+        for k, head in enumerate(self.heads):
+            head.weight.data.copy_(hd[f'lin{k}.model.1.weight'])
+        self.register_buffer('shift', torch.tensor([-.030, -.088, -.188])[None, :, None, None])
+        self.register_buffer('scale', torch.tensor([.458, .448, .450])[None, :, None, None])
+        self.eval().requires_grad_(False)
+
+    def _taps(self, x):
+        x = (x - self.shift) / self.scale
+        out = []
+        for i, layer in enumerate(self.features):
+            x = layer(x)
+            if i in self.taps:
+                out.append(x / (x.pow(2).sum(1, keepdim=True).sqrt() + 1e-10))
+        return out
+
+    def forward(self, x, y):
+        if x.shape[-1] < 64:        # AlexNet's stride would leave nothing of tiny images: enlarge them
+            x, y = (F.interpolate(t, size=64, mode='nearest') for t in (x, y))
+        total = 0
+        for head, fx, fy in zip(self.heads, self._taps(x), self._taps(y)):
+            total = total + head((fx - fy) ** 2).mean((2, 3))
+        return total.flatten()
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers: batches, progress, statistics
+
+class Progress:
+    """One line per few seconds with a rate and ETA, on stderr."""
+
+    def __init__(self, what, total):
+        self.what, self.total, self.start, self.last = what, total, time.time(), 0.0
+
+    def __call__(self, done):
+        now = time.time()
+        if now - self.last > 5 or done >= self.total:
+            rate = done / max(now - self.start, 1e-9)
+            eta = (self.total - done) / max(rate, 1e-9)
+            print(f'{self.what}: {done}/{self.total} ({rate:.1f}/s, eta {eta / 60:.1f} min)', file=sys.stderr)
+            self.last = now
+
+
+def batches(count, batch):
+    for start in range(0, count, batch):
+        yield start, min(batch, count - start)
+
+
+def statistics(features):
+    f = np.asarray(features, np.float64)
+    return f.mean(0), np.cov(f, rowvar=False)
+
+
+@torch.no_grad()
+def inception_features(inception, images_fn, count, batch, what):
+    """Features (count, 2048) of images_fn(start, n) -> (n, 3, H, W) in [-1, 1], batch by batch."""
+    feats, progress = [], Progress(what, count)
+    for start, n in batches(count, batch):
+        x = images_fn(start, n)
+        feats.append(inception(x.clamp(-1, 1).add(1).div(2)).double().cpu())
+        progress(start + n)
+    return torch.cat(feats).numpy()
+
+
+def load_source_images(source, res, start, n, device):
+    idx = list(range(start, start + n))
+    if isinstance(source, data.ShapesSource):
+        x = source.load_batch(idx, res)
+    else:
+        x = torch.stack([source.load(i % len(source), res) for i in idx])
+    return (x.float() / 127.5 - 1).to(device)
+
+
+def face_crop(x, dataset, mode='auto'):
+    """The authors' centre-face crop: rows 3c:7c, columns 2c:6c with c = res / 8 (128x128 at 256);
+    'auto' crops the face data sets only."""
+    if mode == 'no' or (mode == 'auto' and dataset not in ('ffhq', 'celebahq')):
+        return x
+    c = x.shape[-1] // 8
+    return x[:, :, 3 * c:7 * c, 2 * c:6 * c]
+
+
+# --------------------------------------------------------------------------------------------
+# The metrics
+
+def real_statistics(inception, saved, res, count, batch, device, cache_dir, split='train'):
+    """Inception statistics of `count` images of the data set's split, cached as .npz."""
+    name = saved.get('dataset', 'shapes')
+    root = saved.get('data_root', '')
+    tag = f'{name}_{split}_{res}px_{count}'
+    if root:
+        tag += '_' + str(abs(hash(os.path.abspath(root))) % 10 ** 8)
+    path = os.path.join(cache_dir, f'{tag}.npz')
+    if os.path.exists(path):
+        st = np.load(path)
+        return st['mu'], st['sigma']
+    source = data.make_source(name, root, split, saved.get('max_res', res), saved.get('seed', 0),
+                              saved.get('test_fraction', 0.0), saved.get('cache_dir', ''), 0, lambda *a: None)
+    if len(source) < count:
+        print(f'note: the {split} split has {len(source)} images, fewer than {count}; using all of them', file=sys.stderr)
+        count = len(source)
+    feats = inception_features(inception, lambda s, n: load_source_images(source, res, s, n, device),
+                               count, batch, f'real statistics {tag}')
+    mu, sigma = statistics(feats)
+    os.makedirs(cache_dir, exist_ok=True)
+    np.savez(path + '.tmp.npz', mu=mu, sigma=sigma)
+    os.replace(path + '.tmp.npz', path)
+    return mu, sigma
+
+
+@torch.no_grad()
+def fid_samples(net, inception, real_stats, count, batch, seed=0):
+    """FID of `count` prior samples from the (EMA) decoder against real statistics."""
+    g = torch.Generator().manual_seed(seed)
+    dev = net.const_device()
+
+    def fakes(start, n):
+        return net.decode(model.sample_prior(n, net.cfg.nz, generator=g).to(dev), noise=True)
+    mu, sigma = statistics(inception_features(inception, fakes, count, batch, 'samples'))
+    return frechet_distance(mu, sigma, *real_stats)
+
+
+@torch.no_grad()
+def fid_reconstructions(net, inception, source, count, batch):
+    """FID of reconstructions of `count` held-out images against those same images."""
+    dev = net.const_device()
+    real, rec = [], []
+    progress = Progress('reconstructions', count)
+    for start, n in batches(count, batch):
+        x = load_source_images(source, net.res, start, n, dev)
+        real.append(inception(x.add(1).div(2)).double().cpu())
+        rec.append(inception(net.reconstruct(x, noise=False).clamp(-1, 1).add(1).div(2)).double().cpu())
+        progress(start + n)
+    return frechet_distance(*statistics(torch.cat(rec).numpy()), *statistics(torch.cat(real).numpy()))
+
+
+@torch.no_grad()
+def lpips_reconstructions(net, lpips, source, count, batch, dataset, crop='auto'):
+    """Mean LPIPS between held-out images and their reconstructions (paper Table 2a)."""
+    dev = net.const_device()
+    total, progress = 0.0, Progress('lpips', count)
+    for start, n in batches(count, batch):
+        x = load_source_images(source, net.res, start, n, dev)
+        y = net.reconstruct(x, noise=False).clamp(-1, 1)
+        total += lpips(face_crop(x, dataset, crop), face_crop(y, dataset, crop)).sum().item()
+        progress(start + n)
+    return total / count
+
+
+@torch.no_grad()
+def path_length(net, lpips, count, batch, dataset, crop='auto', epsilon=1e-4, seed=0):
+    """PPL (A.1, after StyleGAN): E[LPIPS(G(slerp(z1, z2, t)), G(slerp(z1, z2, t + eps))) / eps^2].
+
+    Spherical interpolation, because encodings and prior samples live on the unit sphere, where
+    a linear step would leave it (StyleGAN's z-space PPL slerps for the same reason). Layer noise
+    is off so that only the latent moves. As StyleGAN, samples outside the 1st-99th percentiles
+    are dropped before averaging. Images above 256 px are downsampled to 256 first.
+    """
+    from sample import slerp
+    g = torch.Generator().manual_seed(seed)
+    dev = net.const_device()
+    dists, progress = [], Progress('ppl', count)
+    for start, n in batches(count, batch):
+        z1 = model.sample_prior(n, net.cfg.nz, generator=g).to(dev)
+        z2 = model.sample_prior(n, net.cfg.nz, generator=g).to(dev)
+        t = torch.rand(n, 1, generator=g).to(dev)
+        x = net.decode(torch.cat([slerp(z1, z2, t), slerp(z1, z2, t + epsilon)]), noise=False).clamp(-1, 1)
+        x = face_crop(x, dataset, crop)
+        if x.shape[-1] > 256:
+            x = F.interpolate(x, size=256, mode='area')
+        dists.append((lpips(x[:n], x[n:]).double() / epsilon ** 2).cpu())
+        progress(start + n)
+    d = torch.cat(dists).numpy()
+    lo, hi = np.percentile(d, [1, 99])
+    return float(d[(d >= lo) & (d <= hi)].mean())
+
+
+LAYOUT, APPEARANCE = ('shape', 'x', 'y', 'size'), ('color', 'background', 'texture')
+
+
+def mix_score(images, factors_a, factors_b):
+    """For images that mix sources A and B: per factor, the share of images whose estimated factor
+    matches A's and the share that matches B's (within data.FACTOR_TOLERANCE), counted over the pairs
+    where A and B differ in that factor."""
+    est = data.estimate_factors(images)
+    follows_a, follows_b = data.factor_errors(est, factors_a), data.factor_errors(est, factors_b)
+    differ = data.factor_errors(factors_a, factors_b)
+    out = {}
+    for k in follows_a:
+        d = ~differ[k]
+        n = int(d.sum())
+        out[k] = dict(a=float(follows_a[k][d].float().mean()) if n else float('nan'),
+                      b=float(follows_b[k][d].float().mean()) if n else float('nan'), pairs=n)
+    return out
+
+
+@torch.no_grad()
+def mixing(net, count, batch):
+    """On shapes: decode A with B's latents on the coarse / intermediate / fine blocks and score which
+    factors follow which source. A model disentangled by scale has layout from whoever drives the
+    coarse blocks and appearance from whoever drives the rest."""
+    test = data.ShapesSource('test')
+    n_used = model.level(net.res, net.cfg.max_res) + 1
+    groups = [g for g, (a, _) in model.GROUPS.items() if a < n_used]
+    results = {}
+    for group in groups:
+        blocks = model.block_range(group, n_used)
+        imgs, fa, fb = [], [], []
+        for start, n in batches(count, batch):
+            ia, ib = list(range(start, start + n)), list(range(count + start, count + start + n))
+            xa, xb = (load_source_images(test, net.res, i[0], n, net.const_device()) for i in (ia, ib))
+            z = model.mix_latents(net.encode(xa), net.encode(xb), blocks, net.decoder.n_blocks)
+            imgs.append(net.decode(z, noise=False).clamp(-1, 1).cpu())
+            fa.append(test.factors(ia))
+            fb.append(test.factors(ib))
+        cat = {k: torch.cat([f[k] for f in fa]) for k in fa[0]}, {k: torch.cat([f[k] for f in fb]) for k in fb[0]}
+        results[group] = mix_score(torch.cat(imgs), *cat)
+    return results
+
+
+# --------------------------------------------------------------------------------------------
+# Command line
+
+_before = set(globals())
+metric = 'fid'              # fid | fid_rec | lpips_rec | ppl | mix
+out_dir = 'out'             # reads out_dir/ckpt.pt, appends to out_dir/metrics.jsonl
+ckpt = ''                   # another checkpoint file ('' = out_dir/ckpt.pt)
+fid_count = 50000           # fid: generated samples and real images (the name says it: fid50k)
+rec_count = 10000           # fid_rec, lpips_rec: held-out images (paper: 10k unseen FFHQ images)
+ppl_count = 100000          # ppl: latent pairs (paper: 100k)
+mix_count = 1000            # mix: held-out pairs per group
+batch = 50                  # images per forward pass
+epsilon = 1e-4              # ppl: step length in latent space
+lpips_net = 'alex'          # lpips_rec backbone (authors' LPIPS used AlexNet)
+ppl_net = 'vgg'             # ppl backbone (StyleGAN's PPL uses VGG16)
+crop = 'auto'               # centre-face crop for lpips_rec / ppl: auto (ffhq, celebahq) | yes | no
+inception = ''              # path of pt_inception-2015-12-05-6726825d.pth ('' = official URL via torch.hub)
+vgg_backbone = ''           # path of torchvision's vgg16-397923af.pth ('' = official URL)
+alex_backbone = ''          # path of torchvision's alexnet-owt-7be5be79.pth ('' = official URL)
+lpips_vgg = ''              # path of LPIPS v0.1 vgg.pth ('' = official URL)
+lpips_alex = ''             # path of LPIPS v0.1 alex.pth ('' = official URL)
+stats_dir = ''              # cache of real statistics ('' = ~/.cache/automodulator/fid_stats)
+seed = 0                    # latent draws
+device = 'auto'             # auto (cuda if available) | cpu | cuda
+CONFIG_KEYS = sorted(set(globals()) - _before - {'_before'})
+
+
+def _count_name(n):
+    return f'{n // 1000}k' if n % 1000 == 0 else str(n)
+
+
+def held_out(saved, res):
+    name = saved.get('dataset', 'shapes')
+    if name == 'folder' and saved.get('test_fraction', 0) <= 0:
+        raise SystemExit('error: this folder run has no held-out images; train with --test_fraction=0.1 '
+                         '(or use a data set with a test split)')
+    return data.make_source(name, saved.get('data_root', ''), 'test', saved.get('max_res', res), saved.get('seed', 0),
+                            saved.get('test_fraction', 0.0), saved.get('cache_dir', ''), 0, lambda *a: None)
+
+
+def main(cfg):
+    dev = 'cuda' if cfg['device'] == 'auto' and torch.cuda.is_available() else ('cpu' if cfg['device'] == 'auto' else cfg['device'])
+    path = cfg['ckpt'] or os.path.join(cfg['out_dir'], 'ckpt.pt')
+    try:
+        net = model.load_checkpoint(path, device=dev)
+    except FileNotFoundError as e:
+        raise SystemExit(f'error: {e}')
+    ck = torch.load(path, map_location='cpu', weights_only=True)
+    saved, name = ck.get('config', {}), cfg['metric']
+    dataset = saved.get('dataset', 'shapes')
+    paths = dict(vgg=(cfg['vgg_backbone'], cfg['lpips_vgg']), alex=(cfg['alex_backbone'], cfg['lpips_alex']))
+    t0 = time.time()
+    if name.startswith('fid') and name not in ('fid_rec',):
+        if name[3:]:                                    # --metric=fid5k is --metric=fid --fid_count=5000
+            cfg['fid_count'] = int(float(name[3:].rstrip('k')) * (1000 if name.endswith('k') else 1))
+        inc = InceptionV3().to(dev)
+        inc.load_state_dict(load_weights(cfg['inception'], FID_URL, 'inception'))
+        stats = real_statistics(inc, saved, net.res, cfg['fid_count'], cfg['batch'], dev,
+                                cfg['stats_dir'] or os.path.expanduser('~/.cache/automodulator/fid_stats'))
+        value = fid_samples(net, inc, stats, cfg['fid_count'], cfg['batch'], cfg['seed'])
+        name, protocol = f'fid{_count_name(cfg["fid_count"])}', 'EMA decoder prior samples (layer noise on) vs train split, bilinear resize to 299'
+    elif name == 'fid_rec':
+        inc = InceptionV3().to(dev)
+        inc.load_state_dict(load_weights(cfg['inception'], FID_URL, 'inception'))
+        source = held_out(saved, net.res)
+        count = min(cfg['rec_count'], len(source))
+        value = fid_reconstructions(net, inc, source, count, cfg['batch'])
+        name, protocol = f'fid_rec{_count_name(count)}', 'reconstructions vs the same held-out images'
+    elif name in ('lpips_rec', 'ppl'):
+        which = cfg['lpips_net'] if name == 'lpips_rec' else cfg['ppl_net']
+        lp = LPIPS(which, *paths[which]).to(dev)
+        if name == 'lpips_rec':
+            source = held_out(saved, net.res)
+            count = min(cfg['rec_count'], len(source))
+            value = lpips_reconstructions(net, lp, source, count, cfg['batch'], dataset, cfg['crop'])
+            name = f'lpips_rec{_count_name(count)}'
+        else:
+            count = cfg['ppl_count']
+            value = path_length(net, lp, count, cfg['batch'], dataset, cfg['crop'], cfg['epsilon'], cfg['seed'])
+            name = f'ppl{_count_name(count)}'
+        protocol = f'LPIPS v0.1 {which}, crop {cfg["crop"]}' + (f', slerp, eps {cfg["epsilon"]}, 1-99% kept' if name.startswith('ppl') else '')
+    elif name == 'mix':
+        if dataset != 'shapes':
+            raise SystemExit(f'error: the mix score needs the shapes data set (its factors are known); this checkpoint '
+                             f'was trained on {dataset}')
+        value = mixing(net, cfg['mix_count'], cfg['batch'])
+        name, protocol = f'mix{_count_name(cfg["mix_count"])}', "B's latents on the group's blocks, A's elsewhere; share of each factor matching A / B"
+        for group, scores in value.items():
+            print(f'{group:13s} layout follows B: ' + ' '.join(f'{k} {scores[k]["b"]:.2f}' for k in LAYOUT) +
+                  ' | appearance follows B: ' + ' '.join(f'{k} {scores[k]["b"]:.2f}' for k in APPEARANCE))
+    else:
+        raise SystemExit(f"error: unknown --metric={name!r}; use fid (fid50k, fid5k, ...), fid_rec, lpips_rec, ppl or mix")
+    record = dict(metric=name, value=value, kimg=ck.get('kimg'), res=net.res, ckpt=os.path.abspath(path),
+                  protocol=protocol, seconds=round(time.time() - t0, 1))
+    print(f'{name} = {json.dumps(value) if isinstance(value, dict) else f"{value:.4f}"}  ({net.res}x{net.res}, '
+          f'{ck.get("kimg", 0):.1f} kimg, {record["seconds"]} s)')
+    with open(os.path.join(os.path.dirname(os.path.abspath(path)), 'metrics.jsonl'), 'a') as f:
+        f.write(json.dumps(record) + '\n')
+    return record
+
 
 if __name__ == '__main__':
-    sys.exit('metrics.py is not written yet (issue #7)')
+    configure(globals(), CONFIG_KEYS)
+    try:
+        main({k: globals()[k] for k in CONFIG_KEYS})
+    except (FileNotFoundError, MissingWeights) as e:
+        sys.exit(f'error: {e}')

@@ -331,8 +331,9 @@ def sample_prior(n, nz=512, device=None, generator=None):
 
 def block_range(spec, n_blocks):
     """'coarse' | 'intermediate' | 'fine' | 'a:b' (block indices, b may be empty) -> range of blocks."""
-    if spec in GROUPS:
+    if spec in GROUPS:                  # a group cut short by the model's resolution keeps what exists
         a, b = GROUPS[spec]
+        b = n_blocks if b is None else min(b, n_blocks)
     else:
         try:
             a, b = (int(t) if t.strip() else None for t in str(spec).split(':'))

@@ -1,8 +1,229 @@
-"""Style mixing, reconstruction, random and conditional samples, interpolation, from a checkpoint.
+"""Pictures from a trained automodulator: every application of the paper on real inputs.
 
-Not written yet: issue #6 builds it on model.load_checkpoint (which works today).
+    python sample.py --mix coarse              # style mixing (Fig. 4a): A's image, B's coarse blocks
+    python sample.py --mode=recon              # inputs over their reconstructions (Fig. 9-10)
+    python sample.py --mode=random --n=16      # samples from the prior (Fig. 6-8)
+    python sample.py --mode=cond --cond=coarse # the input fixes the coarse blocks, random the rest (Fig. 11)
+    python sample.py --mode=interp             # 4 encoded images in the corners, slerp between (Fig. 12)
+    python sample.py --mode=invariance         # pose (blocks 0-1) from the top row (Fig. 5)
+    python sample.py --mix 2:4 --inputs=faces/ --ckpt=ffhq.pt
+
+Reads out_dir/ckpt.pt (or --ckpt), decodes with the EMA decoder at the resolution the checkpoint
+reached, and writes one PNG grid into out_dir (its path is printed). Real inputs default to the
+held-out test split of the data set the checkpoint was trained on; --inputs takes a folder or
+comma-separated files, center-cropped and resized as in training. Face models expect aligned faces,
+as FFHQ and CelebA-HQ are. The functions are importable: encode / mix / decode without the CLI.
 """
+import math
+import os
 import sys
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torchvision.utils import save_image
+
+import data
+import model
+from configurator import configure
+
+_before = set(globals())
+mode = 'mix'                # mix | recon | random | cond | interp | invariance
+mix = 'coarse'              # mix: blocks that take B's latents: coarse (4-8) | intermediate (16-32) | fine (64+) | a:b
+cond = 'coarse'             # cond: blocks the input fixes, random latents drive the rest
+out_dir = 'out'             # where ckpt.pt is read and the grid is written
+ckpt = ''                   # checkpoint file ('' = out_dir/ckpt.pt)
+inputs = ''                 # real images: a folder or comma-separated files ('' = the data set's test split)
+inputs_b = ''               # mix: the top row's sources ('' = the images after the first n of inputs)
+n = 6                       # sources per row / column, inputs in recon and cond, samples in random
+draws = 6                   # cond: random draws per input
+steps = 7                   # interp: grid size
+seed = 0                    # random latents
+noise = False               # decode with layer noise (off: deterministic)
+ema = True                  # use the EMA decoder
+zoom = 0                    # enlarge tiles by this factor (0 = auto: tiles of at least 64 px)
+singles = False             # also write every tile as its own PNG under out_dir/<mode>/
+out = ''                    # output file ('' = out_dir/<mode>_<detail>.png)
+device = 'auto'             # auto (cuda if available) | cpu | cuda
+CONFIG_KEYS = sorted(set(globals()) - _before - {'_before'})
+
+
+# --------------------------------------------------------------------------------------------
+# Inputs
+
+def read_images(spec, res):
+    """Images from a folder or comma-separated files, as (B, 3, res, res) in [-1, 1], and their names.
+    Unreadable files are skipped with a warning; none readable is an error."""
+    paths = data.list_images(spec) if os.path.isdir(spec) else [p for p in spec.split(',') if p]
+    images, names = [], []
+    for p in paths:
+        try:
+            images.append(data._crop_resize(data._open_rgb(p), res))
+            names.append(p)
+        except Exception as e:                                  # noqa: BLE001 (any decoder failure)
+            warnings.warn(f'skipping {p}: {type(e).__name__}: {e}')
+    if not images:
+        raise SystemExit(f'error: none of the inputs could be read ({spec!r})')
+    return torch.stack(images).float() / 127.5 - 1, names
+
+
+def test_images(config, res, count):
+    """The first `count` images of the held-out split of the checkpoint's data set."""
+    name = config.get('dataset', 'shapes')
+    split = 'test' if name != 'folder' or config.get('test_fraction', 0) > 0 else 'train'
+    source = data.make_source(name, config.get('data_root', ''), split, res, config.get('seed', 0),
+                              config.get('test_fraction', 0.0), config.get('cache_dir', ''), 0, lambda *a: None)
+    idx = list(range(min(count, len(source))))
+    if isinstance(source, data.ShapesSource):
+        x = source.load_batch(idx, res)
+    else:
+        x = torch.stack([source.load(i, res) for i in idx])
+    return x.float() / 127.5 - 1
+
+
+# --------------------------------------------------------------------------------------------
+# Grids (lists of rows of images), importable
+
+def used_blocks(net):
+    """Blocks that a decode at the checkpoint's resolution runs."""
+    return model.level(net.res, net.cfg.max_res) + 1
+
+
+def blocks_of(net, spec):
+    """A group name or a:b range -> range of blocks, checked against what this checkpoint uses."""
+    return model.block_range(spec, used_blocks(net))
+
+
+@torch.no_grad()
+def decode_mixed(net, z_a, z_b, blocks, noise=False):
+    """Decode z_a with z_b on `blocks` (a range)."""
+    return net.decode(model.mix_latents(z_a, z_b, blocks, net.decoder.n_blocks), noise=noise)
+
+
+@torch.no_grad()
+def mix_grid(net, a, b, blocks, noise=False):
+    """Fig. 4a: B sources on top, A sources on the left, cell (i, j) = A_i with B_j on `blocks`."""
+    z_a, z_b = net.encode(a), net.encode(b)
+    rows = [torch.cat([torch.ones_like(b[:1]), b])]
+    for i in range(len(a)):
+        cells = decode_mixed(net, z_a[i:i + 1].expand(len(b), -1), z_b, blocks, noise)
+        rows.append(torch.cat([a[i:i + 1], cells]))
+    return rows
+
+
+@torch.no_grad()
+def recon_grid(net, x, noise=False):
+    return [x, net.reconstruct(x, noise=noise)]
+
+
+@torch.no_grad()
+def random_grid(net, count, seed=0, noise=False, cols=8):
+    z = model.sample_prior(count, net.cfg.nz, generator=torch.Generator().manual_seed(seed)).to(net.const_device())
+    images = net.decode(z, noise=noise)
+    return [images[i:i + cols] for i in range(0, count, cols)]
+
+
+@torch.no_grad()
+def cond_grid(net, x, blocks, draws, seed=0, noise=False):
+    """Fig. 11: each row an input, then draws where the input fixes `blocks` and random latents the rest."""
+    g = torch.Generator().manual_seed(seed)
+    z_in = net.encode(x)
+    rows = []
+    for i in range(len(x)):
+        z_rand = model.sample_prior(draws, net.cfg.nz, generator=g).to(x.device)
+        rows.append(torch.cat([x[i:i + 1], decode_mixed(net, z_rand, z_in[i:i + 1].expand(draws, -1), blocks, noise)]))
+    return rows
+
+
+def slerp(a, b, t):
+    """Spherical interpolation between unit vectors (rows of a and b)."""
+    dot = (a * b).sum(-1, keepdim=True).clamp(-1, 1)
+    omega = torch.acos(dot)
+    so = torch.sin(omega)
+    safe = so.abs() > 1e-6
+    out = torch.where(safe, (torch.sin((1 - t) * omega) * a + torch.sin(t * omega) * b) / torch.where(safe, so, 1),
+                      (1 - t) * a + t * b)
+    return F.normalize(out, dim=-1)
+
+
+@torch.no_grad()
+def interp_grid(net, corners, steps, noise=False):
+    """Fig. 12: four encoded images at the corners of a steps x steps grid, slerp along both axes."""
+    z = net.encode(corners)
+    rows = []
+    for v in torch.linspace(0, 1, steps):
+        left, right = slerp(z[0:1], z[2:3], v), slerp(z[1:2], z[3:4], v)
+        zs = torch.cat([slerp(left, right, u) for u in torch.linspace(0, 1, steps)])
+        rows.append(net.decode(zs, noise=noise))
+    return rows
+
+
+def save_grid(rows, path, res, zoom=0):
+    """Rows of (k, 3, res, res) images in [-1, 1] -> one PNG, tiles enlarged (nearest) by zoom."""
+    cols = max(len(r) for r in rows)
+    blank = -torch.ones_like(rows[0][:1])
+    tiles = torch.cat([torch.cat([r, blank.expand(cols - len(r), -1, -1, -1)]) for r in rows])
+    zoom = zoom or max(1, 64 // res)
+    tiles = F.interpolate(tiles.clamp(-1, 1), scale_factor=zoom, mode='nearest') if zoom > 1 else tiles.clamp(-1, 1)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    save_image(tiles.add(1).div(2), path, nrow=cols, padding=2)
+    return tiles
+
+
+# --------------------------------------------------------------------------------------------
+
+def main(cfg):
+    path = cfg['ckpt'] or os.path.join(cfg['out_dir'], 'ckpt.pt')
+    dev = 'cuda' if cfg['device'] == 'auto' and torch.cuda.is_available() else ('cpu' if cfg['device'] == 'auto' else cfg['device'])
+    try:
+        net = model.load_checkpoint(path, ema=cfg['ema'], device=dev)
+    except FileNotFoundError as e:
+        raise SystemExit(f'error: {e}')
+    saved = torch.load(path, map_location='cpu', weights_only=True).get('config', {})
+    res, k, noise_on = net.res, cfg['n'], cfg['noise']
+    want = {'mix': 2 * k, 'recon': k, 'cond': k, 'interp': 4, 'invariance': 2 * k}.get(cfg['mode'], 0)
+    if cfg['mode'] not in ('mix', 'recon', 'random', 'cond', 'interp', 'invariance'):
+        raise SystemExit(f"error: unknown --mode={cfg['mode']!r}; use mix, recon, random, cond, interp or invariance")
+    if want:
+        x = read_images(cfg['inputs'], res)[0] if cfg['inputs'] else test_images(saved, res, want)
+        x = x.to(dev)
+    try:
+        if cfg['mode'] in ('mix', 'invariance'):
+            spec = cfg['mix'] if cfg['mode'] == 'mix' else '0:2'
+            blocks = blocks_of(net, spec)
+            if cfg['inputs_b']:
+                a, b = x[:k], read_images(cfg['inputs_b'], res)[0][:k].to(dev)
+            else:
+                a, b = (x[:k], x[k:2 * k]) if len(x) > k else (x, x)
+            rows = mix_grid(net, a, b, blocks, noise_on)
+            detail = f'{spec.replace(":", "-")}'
+            if cfg['mode'] == 'invariance' and not saved.get('invariance'):
+                print('note: this checkpoint was trained without the invariance loss: the grid shows the '
+                      "'regular' model of Fig. 5 (pose from the top row on blocks 0-1)")
+        elif cfg['mode'] == 'recon':
+            rows, detail = recon_grid(net, x, noise_on), f'{len(x)}'
+        elif cfg['mode'] == 'random':
+            rows, detail = random_grid(net, k, cfg['seed'], noise_on), f'seed{cfg["seed"]}'
+        elif cfg['mode'] == 'cond':
+            rows = cond_grid(net, x, blocks_of(net, cfg['cond']), cfg['draws'], cfg['seed'], noise_on)
+            detail = cfg['cond'].replace(':', '-')
+        else:
+            if len(x) < 4:
+                raise SystemExit(f'error: interp needs 4 input images, got {len(x)}')
+            rows, detail = interp_grid(net, x[:4], cfg['steps'], noise_on), f'{cfg["steps"]}x{cfg["steps"]}'
+    except ValueError as e:                                   # a block range this checkpoint does not have
+        raise SystemExit(f'error: {e}')
+    target = cfg['out'] or os.path.join(cfg['out_dir'], f"{cfg['mode']}_{detail}.png")
+    save_grid(rows, target, res, cfg['zoom'])
+    if cfg['singles']:
+        folder = os.path.join(cfg['out_dir'], cfg['mode'])
+        os.makedirs(folder, exist_ok=True)
+        for i, img in enumerate(torch.cat(rows)):
+            save_image(img.clamp(-1, 1).add(1).div(2), os.path.join(folder, f'{i:04d}.png'))
+    print(f'wrote {target} ({cfg["mode"]}, {res}x{res} checkpoint at {path})')
+    return target
+
 
 if __name__ == '__main__':
-    sys.exit('sample.py is not written yet (issue #6); it needs a checkpoint from train.py (issue #5)')
+    configure(globals(), CONFIG_KEYS)
+    main({k: globals()[k] for k in CONFIG_KEYS})

@@ -1,9 +1,11 @@
 """Fast CPU tests: python -m pytest -q test_all.py (or python test_all.py)."""
+import json
 import math
 import os
 import re
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -182,6 +184,7 @@ def test_block_groups_follow_the_paper():
     assert list(M.block_range('coarse', 7)) == [0, 1]            # 4-8
     assert list(M.block_range('intermediate', 7)) == [2, 3]      # 16-32
     assert list(M.block_range('fine', 7)) == [4, 5, 6]           # 64-256
+    assert list(M.block_range('intermediate', 3)) == [2]         # cut short at 16x16
     assert list(M.block_range('0:2', 7)) == [0, 1] and list(M.block_range('3:', 7)) == [3, 4, 5, 6]
 
 
@@ -552,11 +555,308 @@ def test_shards_are_disjoint_and_resumable():
     s0, s1 = D.ShardSampler(10, 5, rank=0, world=2, seed=7), D.ShardSampler(10, 5, rank=1, world=2, seed=7)
     a, b = next(iter(s0)), next(iter(s1))
     assert not set(a) & set(b) and sorted(a + b) == list(range(10))
+    assert next(iter(D.ShardSampler(10, 10, seed=7))) == a + b        # = one process, double batch
     stream = iter(D.ShardSampler(10, 3, seed=7))
     flat = [i for _ in range(5) for i in next(stream)]          # 15 samples, across an epoch end
     resumed = iter(D.ShardSampler(10, 3, seed=7, start=6))
     assert [i for _ in range(3) for i in next(resumed)] == flat[6:15]
     assert next(iter(D.ShardSampler(10, 5, seed=8))) != a
+
+
+# ---------------------------------------------------------------------------------------------
+# train.py
+
+TINY_TRAIN = dict(max_res=16, width=1 / 16, nz=32, phase_kimg={4: 0.032, 8: 0.064, 16: 0.064},
+                  batch_size={4: 8, 8: 8, 16: 8}, log_every=0.001, sample_every=0.064, ckpt_every=1.0)
+
+
+def train_config(out_dir, **over):
+    import train as T
+    cfg = {k: getattr(T, k) for k in T.CONFIG_KEYS}
+    cfg.update(T.PRESETS['shapes'])
+    cfg.update(TINY_TRAIN, out_dir=str(out_dir), **over)
+    return cfg
+
+
+def run_train(out_dir, **over):
+    import train as T
+    T.main(train_config(out_dir, **over))
+    return torch.load(os.path.join(out_dir, 'ckpt.pt'), map_location='cpu', weights_only=True)
+
+
+def _cli(*args, cwd=HERE, timeout=300):
+    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+def _log(out_dir):
+    with open(os.path.join(out_dir, 'log.jsonl')) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_train_runs_grows_and_writes_checkpoint_and_grid(tmp_path):
+    ck = run_train(tmp_path, total_kimg=0.12)                 # 15 steps: 4x4, 8x8 fading in, 16x16
+    log = _log(tmp_path)
+    assert all(math.isfinite(r[k]) for r in log for k in ('E', 'D', 'kl_real', 'recon', 'cos', 'layer'))
+    assert [r['res'] for r in log] == [4] * 4 + [8] * 8 + [16] * 3
+    alphas = [r['alpha'] for r in log if r['res'] == 8]
+    assert alphas[0] == 0 and all(b > a for a, b in zip(alphas[:4], alphas[1:4])) and alphas[-1] == 1.0
+    assert log[-1]['alpha'] < 1 and any(r['layer'] > 0 for r in log if r['res'] > 4)
+    assert ck['res'] == 16 and ck['samples'] == 120 and ck['step'] == 15
+    robust = L.AdaptiveRobustLoss(16)
+    robust.load_state_dict(ck['robust'])
+    assert robust.res == 16
+    # the optimizers kept their state across growth: 4x4 block parameters still have their moments
+    assert len(ck['opt_dec']['state']) > sum(1 for _ in M.Decoder(M.ModelConfig(**ck['model_config'])).blocks[0].parameters())
+    grids = sorted(f for f in os.listdir(tmp_path) if f.startswith('grid_'))
+    assert grids == ['grid_000000064.png', 'grid_000000120.png']
+    net = M.load_checkpoint(str(tmp_path / 'ckpt.pt'))
+    assert net.res == 16 and net.decode(net.encode(torch.zeros(2, 3, 16, 16))).shape == (2, 3, 16, 16)
+    assert json.load(open(tmp_path / 'config.json'))['model_config']['nz'] == 32
+
+
+def test_train_resume_is_bit_identical(tmp_path):
+    straight = run_train(tmp_path / 'a', total_kimg=0.112)     # 14 steps, across the 4 -> 8 boundary
+    run_train(tmp_path / 'b', total_kimg=0.056)                 # 7 steps ...
+    resumed = run_train(tmp_path / 'b', total_kimg=0.112, init_from='resume')   # ... + 7 more
+    assert resumed['step'] == straight['step'] == 14
+    for key in ('encoder', 'decoder', 'decoder_ema', 'robust'):
+        for name, value in straight[key].items():
+            if torch.is_tensor(value):
+                assert torch.equal(value, resumed[key][name]), (key, name)
+    for key in ('opt_enc', 'opt_dec'):
+        for pid, state in straight[key]['state'].items():
+            assert all(torch.equal(v, resumed[key]['state'][pid][k]) for k, v in state.items())
+
+
+def test_train_stops_on_non_finite_loss_and_keeps_checkpoint(tmp_path):
+    run_train(tmp_path, total_kimg=0.016)
+    before = (tmp_path / 'ckpt.pt').read_bytes()
+    with pytest.raises(SystemExit, match=r'encoder loss is not finite at 0.016 kimg.*loss weights'):
+        run_train(tmp_path, total_kimg=0.032, init_from='resume', lambda_x_stable=float('nan'))
+    assert (tmp_path / 'ckpt.pt').read_bytes() == before
+
+
+def test_train_presets_resolve(capsys):
+    import train as T
+    for name in T.PRESETS:
+        cfg = {k: getattr(T, k) for k in T.CONFIG_KEYS}
+        cfg.update(T.PRESETS[name], dry_run=True, dataset=name)
+        T.main(cfg)
+        out = capsys.readouterr().out
+        assert f"{cfg['max_res']}x{cfg['max_res']}" in out and 'end at' in out
+    assert 'margin 0.4' in out or T.PRESETS['celebahq']['margin'][256] == 0.4
+
+
+def test_train_bad_overrides_exit_without_out_dir(tmp_path):
+    out = tmp_path / 'never'
+    for bad, message in (('--max_res=big', 'max_res'), ('--max_reso=64', '--max_res'), ('--dataset=imagenet', 'shapes')):
+        r = _cli('train.py', f'--out_dir={out}', bad)
+        assert r.returncode != 0 and message in r.stderr, (bad, r.stderr)
+        assert not out.exists()
+
+
+def _train_args(out_dir, batch):
+    return ['train.py', f'--out_dir={out_dir}', '--max_res=16', '--width=0.0625', '--nz=32',
+            '--phase_kimg={4: 0.016, 8: 0.016, 16: 0.016}', f'--batch_size={{4: {batch}, 8: {batch}, 16: {batch}}}',
+            '--log_every=0.001', '--sample_every=0', '--total_kimg=0.048']
+
+
+def test_torchrun_two_processes_match_one_with_double_batch(tmp_path):
+    two = _cli('-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', *_train_args(tmp_path / 'two', 4))
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert 'all 2 ranks hold identical weights' in two.stdout and 'batch 4 x 2 = 8' in two.stdout
+    one = _cli(*_train_args(tmp_path / 'one', 8))
+    assert one.returncode == 0, one.stderr[-3000:]
+    first_two, first_one = _log(tmp_path / 'two')[0], _log(tmp_path / 'one')[0]
+    for k in ('E', 'D', 'kl_real', 'kl_fake', 'recon', 'kl_dec', 'cos'):
+        assert abs(first_two[k] - first_one[k]) <= 1e-5 * max(1, abs(first_one[k])), (k, first_two[k], first_one[k])
+
+
+def test_train_sigint_finishes_the_step_and_checkpoints(tmp_path):
+    import signal
+    args = _train_args(tmp_path, 8)[:-1] + ['--total_kimg=1000']
+    proc = subprocess.Popen([sys.executable, *args], cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (tmp_path / 'log.jsonl').exists() and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-2000:]
+    assert 'stopped by SIGINT' in out
+    ck = torch.load(tmp_path / 'ckpt.pt', map_location='cpu', weights_only=True)
+    assert ck['step'] >= 1 and ck['samples'] == 8 * ck['step']
+
+
+# ---------------------------------------------------------------------------------------------
+# sample.py
+
+@pytest.fixture(scope='module')
+def tiny_ckpt(tmp_path_factory):
+    out = tmp_path_factory.mktemp('run')
+    run_train(out, total_kimg=0.12)                            # reaches 16x16, alpha < 1
+    return out
+
+
+def _png(path):
+    from PIL import Image
+    return torch.from_numpy(np.array(Image.open(path).convert('RGB'))).permute(2, 0, 1).float()
+
+
+def test_sample_every_mode_writes_a_grid_of_the_expected_size(tiny_ckpt):
+    import sample as S
+    cfg = {k: getattr(S, k) for k in S.CONFIG_KEYS}
+    cfg.update(out_dir=str(tiny_ckpt), n=3, draws=2, steps=3)
+    tile = 16 * 4 + 2                                           # 16 px tiles enlarged x4, 2 px padding
+    for mode, (rows, cols) in dict(mix=(4, 4), recon=(2, 3), random=(1, 3), cond=(3, 3), interp=(3, 3),
+                                   invariance=(4, 4)).items():
+        path = S.main({**cfg, 'mode': mode})
+        img = _png(path)
+        assert img.shape == (3, rows * tile + 2, cols * tile + 2), (mode, img.shape)
+        assert img.std() > 1, mode                              # not a blank picture
+
+
+def test_sample_mix_cell_equals_the_per_block_mix(tiny_ckpt, tmp_path):
+    import sample as S
+    path = tmp_path / 'mix.png'
+    r = _cli('sample.py', '--mix', 'coarse', f'--out_dir={tiny_ckpt}', '--n=2', f'--out={path}')
+    assert r.returncode == 0 and str(path) in r.stdout, r.stderr
+    net = M.load_checkpoint(str(tiny_ckpt / 'ckpt.pt'))
+    x = S.test_images({'dataset': 'shapes'}, 16, 4)
+    z = net.encode(x)
+    with torch.no_grad():
+        want = net.decode(M.mix_latents(z[0:1], z[3:4], range(0, 2), net.decoder.n_blocks), noise=False)
+    want = F.interpolate(want, scale_factor=4, mode='nearest').clamp(-1, 1).add(1).div(2).mul(255)[0]
+    got = _png(path)[:, 2 + 66:2 + 66 + 64, 2 + 2 * 66:2 + 2 * 66 + 64]    # row A_0, column B_1
+    assert (got - want).abs().max() <= 1.0
+    rows = S.mix_grid(net, x[:2], x[2:4], range(0, 2))
+    assert torch.allclose(rows[1][2], net.decode(M.mix_latents(z[0:1], z[3:4], range(0, 2), net.decoder.n_blocks),
+                                                 noise=False)[0], atol=1e-6)
+
+
+def test_sample_bad_input(tiny_ckpt, tmp_path):
+    r = _cli('sample.py', '--mix', '0:0', f'--out_dir={tiny_ckpt}')
+    assert r.returncode != 0 and 'coarse (0:2)' in r.stderr and "'0:0'" in r.stderr
+    r = _cli('sample.py', '--mix', 'fine', f'--out_dir={tiny_ckpt}')       # a 16x16 model has no 64+ blocks
+    assert r.returncode != 0 and 'intermediate (2:4)' in r.stderr
+    r = _cli('sample.py', f'--out_dir={tmp_path}')
+    assert r.returncode != 0 and str(tmp_path / 'ckpt.pt') in r.stderr and 'python train.py' in r.stderr
+    from PIL import Image
+    inputs = tmp_path / 'inputs'
+    inputs.mkdir()
+    (inputs / 'bad.png').write_bytes(b'junk')
+    Image.new('RGB', (20, 30), (200, 10, 10)).save(inputs / 'ok.png')
+    r = _cli('sample.py', '--mode=recon', f'--out_dir={tiny_ckpt}', f'--inputs={inputs}', f'--out={tmp_path}/r.png')
+    assert r.returncode == 0 and 'bad.png' in r.stderr and _png(tmp_path / 'r.png').shape == (3, 2 * 66 + 2, 66 + 2)
+    (inputs / 'ok.png').unlink()
+    r = _cli('sample.py', '--mode=recon', f'--out_dir={tiny_ckpt}', f'--inputs={inputs}')
+    assert r.returncode != 0 and 'none of the inputs' in r.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# metrics.py
+
+def _torchvision_inception_state():
+    import torchvision
+    torch.manual_seed(0)
+    tv = torchvision.models.inception_v3(weights=None, aux_logits=False, init_weights=False, num_classes=1008)
+    with torch.no_grad():                     # non-trivial batch-norm statistics
+        for m in tv.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+    return tv.eval()
+
+
+def test_inception_loads_the_standard_layout_and_differs_only_where_the_tf_graph_does():
+    import metrics as MT
+    tv = _torchvision_inception_state()
+    net = MT.InceptionV3()
+    net.load_state_dict(tv.state_dict())                         # strict: same names and shapes
+    with torch.no_grad():
+        x = torch.rand(2, 3, 80, 80)
+        assert net(x).shape == (2, 2048)
+        h = torch.randn(1, 288, 17, 17)
+        assert torch.allclose(net.Mixed_6a(h), tv.Mixed_6a(h), atol=1e-5)     # identical blocks agree
+        h5 = torch.randn(1, 192, 9, 9)
+        mine, theirs = net.Mixed_5b(h5), tv.Mixed_5b(h5)
+        assert torch.allclose(mine[:, :224], theirs[:, :224], atol=1e-5)      # conv branches agree ...
+        assert not torch.allclose(mine[:, 224:], theirs[:, 224:], atol=1e-4)  # ... the pool branch does not
+        h7 = torch.randn(1, 1280, 5, 5)
+        assert not torch.allclose(net.Mixed_7b(h7), tv.Mixed_7b(h7), atol=1e-4)
+        net.Mixed_7b.max_pool = True
+        ones = torch.ones(1, 2048, 4, 4)
+        assert torch.equal(MT._avg3(ones), ones)                                # padding not counted
+
+
+def test_frechet_distance():
+    import metrics as MT
+    rng = np.random.default_rng(0)
+    f = rng.normal(size=(500, 16))
+    mu, sigma = MT.statistics(f)
+    assert abs(MT.frechet_distance(mu, sigma, mu, sigma)) < 1e-8
+    shift = rng.normal(size=16)
+    assert abs(MT.frechet_distance(mu + shift, sigma, mu, sigma) - shift @ shift) < 1e-8
+    few = rng.normal(size=(10, 64))                             # rank-deficient: 10 samples, 64 features
+    mu2, sigma2 = MT.statistics(few)
+    d = MT.frechet_distance(mu2, sigma2, mu2, sigma2)
+    assert math.isfinite(d) and abs(d) < 1e-4        # vs a trace of 63: round-off of the null space only
+    assert math.isfinite(MT.frechet_distance(mu2, sigma2, mu2 + 1, sigma2 * 2))
+
+
+def _lpips_weights(net):
+    import metrics as MT
+    torch.manual_seed(0)
+    feats = MT._vgg16_features() if net == 'vgg' else MT._alexnet_features()
+    backbone = {f'features.{k}': v for k, v in feats.state_dict().items()}
+    backbone['classifier.0.weight'] = torch.zeros(1)             # ignored, as in the real file
+    heads = {f'lin{k}.model.1.weight': torch.rand(1, c, 1, 1) for k, c in enumerate(MT._TAPS[net][1])}
+    return backbone, heads
+
+
+def test_lpips_zero_on_identical_and_symmetric(tmp_path):
+    import metrics as MT
+    for net in ('vgg', 'alex'):
+        backbone, heads = _lpips_weights(net)
+        torch.save(heads, tmp_path / 'heads.pth')
+        lp = MT.LPIPS(net, backbone=backbone, heads=str(tmp_path / 'heads.pth'))
+        x, y = torch.rand(3, 3, 64, 64) * 2 - 1, torch.rand(3, 3, 64, 64) * 2 - 1
+        assert torch.equal(lp(x, x), torch.zeros(3))
+        assert torch.allclose(lp(x, y), lp(y, x)) and (lp(x, y) > 0).all()
+        assert lp(x, y).shape == (3,)
+    with pytest.raises(FileNotFoundError, match='vgg16-397923af.pth'):
+        MT.LPIPS('vgg', backbone=str(tmp_path / 'missing.pth'), heads=heads)
+
+
+def test_mix_score_reads_layout_from_a_and_appearance_from_b():
+    import metrics as MT
+    fa, fb = D.shapes_factors(torch.arange(300)), D.shapes_factors(torch.arange(300, 600))
+    mixed = {k: (fa if k in ('shape', 'x', 'y', 'size') else fb)[k] for k in fa}
+    score = MT.mix_score(D.render_factors(mixed, 32), fa, fb)
+    for k in MT.LAYOUT:
+        assert score[k]['a'] > 0.95 and score[k]['b'] < 0.1, (k, score[k])
+    for k in MT.APPEARANCE:
+        assert score[k]['b'] > 0.95 and score[k]['a'] < 0.1, (k, score[k])
+
+
+def test_metrics_on_a_tiny_checkpoint(tiny_ckpt, tmp_path):
+    import metrics as MT
+    net = M.load_checkpoint(str(tiny_ckpt / 'ckpt.pt'))
+    backbone, heads = _lpips_weights('vgg')
+    ppl = MT.path_length(net, MT.LPIPS('vgg', backbone, heads), count=8, batch=4, dataset='shapes')
+    assert math.isfinite(ppl) and ppl > 0
+    torch.save(_torchvision_inception_state().state_dict(), tmp_path / 'inception.pth')
+    args = [f'--out_dir={tiny_ckpt}', f'--inception={tmp_path}/inception.pth', f'--stats_dir={tmp_path}/stats',
+            '--batch=8']
+    r = _cli('metrics.py', '--metric=fid', '--fid_count=16', *args)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert 'fid16 = ' in r.stdout and os.listdir(tmp_path / 'stats') == ['shapes_train_16px_16.npz']
+    r = _cli('metrics.py', '--metric=mix', '--mix_count=32', *args)
+    assert r.returncode == 0 and 'coarse' in r.stdout, r.stderr[-2000:]
+    records = [json.loads(line) for line in open(tiny_ckpt / 'metrics.jsonl')]
+    assert [rec['metric'] for rec in records[-2:]] == ['fid16', 'mix32']
+    assert math.isfinite(records[-2]['value']) and set(records[-1]['value']) == {'coarse', 'intermediate'}
+    r = _cli('metrics.py', '--metric=fid_rec', f'--out_dir={tiny_ckpt}', '--inception=/nonexistent.pth')
+    assert r.returncode != 0 and 'pt_inception-2015-12-05-6726825d.pth' in r.stderr
 
 
 # ---------------------------------------------------------------------------------------------
