@@ -596,7 +596,7 @@ def _log(out_dir):
 def test_train_runs_grows_and_writes_checkpoint_and_grid(tmp_path):
     ck = run_train(tmp_path, total_kimg=0.12)                 # 15 steps: 4x4, 8x8 fading in, 16x16
     log = _log(tmp_path)
-    assert all(math.isfinite(r[k]) for r in log for k in ('E', 'D', 'kl_real', 'recon', 'cos', 'layer'))
+    assert all(math.isfinite(r[k]) for r in log for k in ('E', 'D', 'kl_real', 'recon', 'dcos', 'layer'))
     assert [r['res'] for r in log] == [4] * 4 + [8] * 8 + [16] * 3
     alphas = [r['alpha'] for r in log if r['res'] == 8]
     assert alphas[0] == 0 and all(b > a for a, b in zip(alphas[:4], alphas[1:4])) and alphas[-1] == 1.0
@@ -636,6 +636,13 @@ def test_train_stops_on_non_finite_loss_and_keeps_checkpoint(tmp_path):
     assert (tmp_path / 'ckpt.pt').read_bytes() == before
 
 
+def test_train_fast_path_bf16_channels_last(tmp_path):
+    ck = run_train(tmp_path, total_kimg=0.048, dtype='bfloat16', channels_last=True)
+    log = _log(tmp_path)
+    assert ck['step'] == 6 and all(math.isfinite(r['E']) and math.isfinite(r['D']) for r in log)
+    assert all(v.dtype == torch.float32 for v in ck['decoder'].values() if v.is_floating_point())
+
+
 def test_train_presets_resolve(capsys):
     import train as T
     for name in T.PRESETS:
@@ -668,7 +675,7 @@ def test_torchrun_two_processes_match_one_with_double_batch(tmp_path):
     one = _cli(*_train_args(tmp_path / 'one', 8))
     assert one.returncode == 0, one.stderr[-3000:]
     first_two, first_one = _log(tmp_path / 'two')[0], _log(tmp_path / 'one')[0]
-    for k in ('E', 'D', 'kl_real', 'kl_fake', 'recon', 'kl_dec', 'cos'):
+    for k in ('E', 'D', 'kl_real', 'kl_fake', 'recon', 'kl_dec', 'dcos'):
         assert abs(first_two[k] - first_one[k]) <= 1e-5 * max(1, abs(first_one[k])), (k, first_two[k], first_one[k])
 
 

@@ -63,6 +63,7 @@ ema_decay = 0.999           # EMA of decoder weights per step (ramped up from 0.
 device = 'auto'             # auto (cuda if available) | cpu | cuda | cuda:N
 dtype = 'float32'           # float32 | bfloat16 | float16 (autocast; float16 adds a GradScaler)
 compile = False             # torch.compile each network block
+channels_last = False       # NHWC memory format for the convolutions (faster with bf16 / on tensor cores)
 seed = 0                    # model init, data order, latent draws
 out_dir = 'out'             # ckpt.pt, config.json, log.jsonl, grid_*.png
 init_from = 'scratch'       # scratch | resume (from out_dir/ckpt.pt)
@@ -248,8 +249,6 @@ def main(cfg):
     betas = dict(betas=(0.0, 0.99), eps=1e-8)          # paper A.1
     opt_enc = torch.optim.Adam(list(encoder.parameters()) + list(robust.parameters()), lr=cfg['lr'][4], **betas)
     opt_dec = torch.optim.Adam(decoder.parameters(), lr=cfg['lr'][4], **betas)
-    enc_params = list(encoder.parameters()) + list(robust.parameters())
-    dec_params = list(decoder.parameters())
     gen = torch.Generator().manual_seed(cfg['seed'] + 1)     # shared by all ranks: latents, j, flips
     samples, step = 0, 0
     sample_z = model.sample_prior(8, mcfg.nz, generator=torch.Generator().manual_seed(cfg['seed'] + 2)).to(dev)
@@ -269,6 +268,9 @@ def main(cfg):
         torch.set_rng_state(mine['cpu'])
         if dev.type == 'cuda' and mine['cuda'] is not None:
             torch.cuda.set_rng_state(mine['cuda'], dev)
+    if cfg['channels_last']:
+        for m in (encoder, decoder, ema):
+            m.to(memory_format=torch.channels_last)
     if cfg['compile']:
         for block in list(encoder.blocks) + list(decoder.blocks):
             block.compile()
@@ -355,45 +357,14 @@ def main(cfg):
         m = cfg['margin'][res]
         lambda_x = cfg['lambda_x_fade'] if fading else cfg['lambda_x_stable']
         x = data.prepare_batch(next(loader), alpha, dev, gen, rank=rank, world=world)
+        if cfg['channels_last']:
+            x = x.contiguous(memory_format=torch.channels_last)
 
-        # encoder step: L_phi; the decoder is frozen, gradients flow through it into the encoder
-        decoder.requires_grad_(False)
-        encoder.requires_grad_(True)
-        with torch.no_grad(), autocast:
-            fakes = losses.fake_batch(decoder, batch, res, alpha, cfg['mix_ratio'], gen, rank=rank, world=world).images
-        with autocast:
-            e_loss, e_parts = losses.encoder_loss(encoder, decoder, robust, x, fakes.float(), res, alpha, m, lambda_x,
-                                                  extra_kl=cfg['extra_kl'] or cfg['authors'],
-                                                  upper_clamp=cfg['upper_clamp'] or cfg['authors'], gather=gather)
-        check_finite(e_loss, e_parts, 'encoder', kimg)
-        opt_enc.zero_grad(set_to_none=True)
-        scalers[0].scale(e_loss).backward()
-        average_gradients(enc_params)
-        scalers[0].step(opt_enc)
-        scalers[0].update()
-
-        # decoder step: L_theta; the encoder is frozen, gradients flow through it into the decoder
-        encoder.requires_grad_(False)
-        decoder.requires_grad_(True)
-        with autocast:
-            d_loss, d_parts = losses.decoder_loss(encoder, decoder, batch, res, alpha, cfg['mix_ratio'], cfg['lambda_z'],
-                                                  cfg['lambda_j'], gen, rank=rank, world=world, gather=gather)
-        check_finite(d_loss, d_parts, 'decoder', kimg)
-        opt_dec.zero_grad(set_to_none=True)
-        scalers[1].scale(d_loss).backward()
-        average_gradients(dec_params)
-        scalers[1].step(opt_dec)
-        scalers[1].update()
-        encoder.requires_grad_(True)
-        # the decay ramps up to ema_decay ((1 + t) / (10 + t), as TF's ExponentialMovingAverage), so
-        # that early samples and short runs do not average in the random initialization
-        model.update_ema(ema, decoder, min(cfg['ema_decay'], (1 + step) / (10 + step)))
-
+        e_loss, d_loss, parts = train_step(encoder, decoder, ema, robust, opt_enc, opt_dec, scalers, x, res, alpha,
+                                           cfg, m, lambda_x, gen, step, kimg, autocast, rank, world)
         samples += batch * world
         step += 1
         n_log += 1
-        parts = dict(E=e_loss.detach(), D=d_loss.detach(), **e_parts, kl_dec=d_parts['kl_fake'],
-                     cos=d_parts['cos'], layer=d_parts['layer'])
         for k, v in parts.items():
             sums[k] = sums.get(k, 0.0) + v.float()
         kimg = samples / 1000
@@ -406,7 +377,7 @@ def main(cfg):
             eta_run = remaining_seconds(table, end_kimg, kimg, res, rate)
             say(f'kimg {kimg:8.1f} | {res}px a={alpha:.2f} | E {means["E"]:.3f} D {means["D"]:.3f} '
                 f'kl_r {means["kl_real"]:.3f} kl_f {means["kl_fake"]:.3f} rec {means["recon"]:.3f} '
-                f'kl_d {means["kl_dec"]:.3f} cos {means["cos"]:.4f} Lj {means["layer"]:.4f} | {rate:.0f} img/s {1000 / rate:.1f} s/kimg | '
+                f'kl_d {means["kl_dec"]:.3f} dcos {means["dcos"]:.4f} Lj {means["layer"]:.4f} | {rate:.0f} img/s {1000 / rate:.1f} s/kimg | '
                 f'eta phase {eta_phase / 60:.1f}m run ~{eta_run / 60:.0f}m | {memory_text(dev)}')
             if master:
                 record = dict(kimg=kimg, step=step, res=res, alpha=alpha, **means, img_per_s=rate, time=time.time() - t_start)
@@ -431,6 +402,47 @@ def main(cfg):
         f'after {minutes:.1f} min this run ({kimg - kimg_start:.1f} kimg); checkpoint {ckpt_path}; grid {path}')
     if world > 1:
         dist.destroy_process_group()
+
+
+def train_step(encoder, decoder, ema, robust, opt_enc, opt_dec, scalers, x, res, alpha, cfg, margin, lambda_x,
+               gen, step, kimg=0.0, autocast=nullcontext(), rank=0, world=1):
+    """One training iteration: encoder update, decoder update, EMA. Returns (L_phi, L_theta, parts)."""
+    batch = x.shape[0]
+    # encoder step: L_phi; the decoder is frozen, gradients flow through it into the encoder
+    decoder.requires_grad_(False)
+    encoder.requires_grad_(True)
+    with torch.no_grad(), autocast:
+        fakes = losses.fake_batch(decoder, batch, res, alpha, cfg['mix_ratio'], gen, rank=rank, world=world).images
+    with autocast:
+        e_loss, e_parts = losses.encoder_loss(encoder, decoder, robust, x, fakes.float(), res, alpha, margin, lambda_x,
+                                              extra_kl=cfg['extra_kl'] or cfg['authors'],
+                                              upper_clamp=cfg['upper_clamp'] or cfg['authors'], gather=gather)
+    check_finite(e_loss, e_parts, 'encoder', kimg)
+    opt_enc.zero_grad(set_to_none=True)
+    scalers[0].scale(e_loss).backward()
+    average_gradients(list(encoder.parameters()) + list(robust.parameters()))
+    scalers[0].step(opt_enc)
+    scalers[0].update()
+
+    # decoder step: L_theta; the encoder is frozen, gradients flow through it into the decoder
+    encoder.requires_grad_(False)
+    decoder.requires_grad_(True)
+    with autocast:
+        d_loss, d_parts = losses.decoder_loss(encoder, decoder, batch, res, alpha, cfg['mix_ratio'], cfg['lambda_z'],
+                                              cfg['lambda_j'], gen, rank=rank, world=world, gather=gather)
+    check_finite(d_loss, d_parts, 'decoder', kimg)
+    opt_dec.zero_grad(set_to_none=True)
+    scalers[1].scale(d_loss).backward()
+    average_gradients(list(decoder.parameters()))
+    scalers[1].step(opt_dec)
+    scalers[1].update()
+    encoder.requires_grad_(True)
+    # the decay ramps up to ema_decay ((1 + t) / (10 + t), as TF's ExponentialMovingAverage), so
+    # that early samples and short runs do not average in the random initialization
+    model.update_ema(ema, decoder, min(cfg['ema_decay'], (1 + step) / (10 + step)))
+    parts = dict(E=e_loss.detach(), D=d_loss.detach(), **e_parts, kl_dec=d_parts['kl_fake'],
+                 dcos=d_parts['cos'], layer=d_parts['layer'])
+    return e_loss, d_loss, parts
 
 
 def _load(source, i, res):
