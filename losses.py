@@ -209,8 +209,11 @@ def kl_prior(z):
     KL(N(m, v) || N(0, 1)) = (v + m^2 - log v - 1) / 2, averaged over dimensions."""
     if z.dim() != 2 or z.shape[0] < 2:
         raise ValueError(f'kl_prior needs a batch of latents (B >= 2, nz), got {tuple(z.shape)}')
-    var, mean = torch.var_mean(z.float(), dim=0, correction=0)
-    return 0.5 * (var + mean ** 2 - torch.log(var) - 1).mean()
+    z = z.float() if z.dtype in (torch.float16, torch.bfloat16) else z
+    var, mean = torch.var_mean(z, dim=0, correction=0)
+    # a floor under the variance keeps a batch that collapsed in some dimension finite (it happens
+    # at initialization in bfloat16); at 1e-12 it changes no value in the normal range
+    return 0.5 * (var + mean ** 2 - torch.log(var.clamp_min(1e-12)) - 1).mean()
 
 
 def kl_latent(z):

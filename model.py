@@ -131,8 +131,9 @@ class AdaIN(nn.Module):
     def forward(self, x, z):
         c = x.shape[1]
         s = self.style(z)                                        # (B, 2C)
-        var, mean = torch.var_mean(x, dim=(2, 3), keepdim=True, correction=int(self.unbiased))
-        x = (x - mean) * torch.rsqrt(var + self.eps)
+        # statistics in float32: in bfloat16 the variance of a flat map can round to 0
+        var, mean = torch.var_mean(x.float(), dim=(2, 3), keepdim=True, correction=int(self.unbiased))
+        x = ((x - mean) * torch.rsqrt(var + self.eps)).to(s.dtype)
         return s[:, :c, None, None] * x + s[:, c:, None, None]
 
 
@@ -314,7 +315,7 @@ class Encoder(nn.Module):
             h = torch.lerp(self.from_rgb[n - 1](F.avg_pool2d(x, 2)), h, alpha)
         for i in range(n - 1, -1, -1):
             h = self.blocks[i](h)
-        return F.normalize(h.flatten(1), dim=1)
+        return F.normalize(h.flatten(1).float(), dim=1)        # float32 even under bf16 autocast
 
     def used_parameters(self, res):
         n = level(res, self.cfg.max_res)

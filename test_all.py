@@ -867,6 +867,20 @@ def test_metrics_on_a_tiny_checkpoint(tiny_ckpt, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
+# bench.py
+
+def test_bench_runs_every_part_and_writes_json(tmp_path):
+    out = tmp_path / 'bench.json'
+    r = _cli('bench.py', '--res=8', '--width=0.0625', '--batch=4', '--encoder_res=8', '--warmup=0', '--repeat=1',
+             '--dtype=bfloat16', '--channels_last=True', f'--out={out}')
+    assert r.returncode == 0, r.stderr[-2000:]
+    results = json.load(open(out))['results']
+    assert set(results) == {'train_iteration', 'encoder_8_batch1', 'encoder_8_batch16', 'decoder_8_batch4',
+                            'data_shapes_64', 'data_folder_64'}
+    assert results['train_iteration']['flops'] > 0 and 0 < results['train_iteration']['utilisation'] < 1
+
+
+# ---------------------------------------------------------------------------------------------
 # configurator.py
 
 def _globals():
