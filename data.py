@@ -43,7 +43,7 @@ STRIPE_AMP = 0.12            # +- on every channel of the object colour
 _SQUARE_H = math.sqrt(math.pi) / 2
 _TRI_R = math.sqrt(math.pi / (3 * math.sqrt(3)))
 _EXTENT = torch.tensor([1.0, _SQUARE_H * math.sqrt(2), 2 * _TRI_R])
-SIZE_RANGE = (0.12, 0.2)
+SIZE_RANGE = (0.16, 0.26)      # equal-area radius, in image widths: objects big enough to read at 16x16
 
 
 def _hash32(x):

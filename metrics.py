@@ -13,8 +13,8 @@ standard PyTorch port of its weights, without renaming) and `LPIPS` is LPIPS v0.
 VGG16/AlexNet features and the official linear heads). Weights come from a local path (a global per
 file) or the official URL through torch.hub's cache; without either, the error names both.
 """
+import hashlib
 import json
-import math
 import os
 import sys
 import time
@@ -354,8 +354,8 @@ def real_statistics(inception, saved, res, count, batch, device, cache_dir, spli
     name = saved.get('dataset', 'shapes')
     root = saved.get('data_root', '')
     tag = f'{name}_{split}_{res}px_{count}'
-    if root:
-        tag += '_' + str(abs(hash(os.path.abspath(root))) % 10 ** 8)
+    if root:                                            # a stable digest: str hash() changes per process
+        tag += '_' + hashlib.sha1(os.path.abspath(root).encode()).hexdigest()[:10]
     path = os.path.join(cache_dir, f'{tag}.npz')
     if os.path.exists(path):
         st = np.load(path)

@@ -11,7 +11,7 @@ Latents are (B, nz) on the unit sphere, or (B, n_blocks, nz) to drive each decod
 """
 import math
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn as nn

@@ -14,9 +14,7 @@ held-out test split of the data set the checkpoint was trained on; --inputs take
 comma-separated files, center-cropped and resized as in training. Face models expect aligned faces,
 as FFHQ and CelebA-HQ are. The functions are importable: encode / mix / decode without the CLI.
 """
-import math
 import os
-import sys
 import warnings
 
 import torch

@@ -1,4 +1,5 @@
 """Fast CPU tests: python -m pytest -q test_all.py (or python test_all.py)."""
+import dataclasses
 import json
 import math
 import os
@@ -215,7 +216,7 @@ def test_checkpoint_roundtrip_uses_ema_decoder(tmp_path):
         for p in ema.parameters():
             p.mul_(0.5)
     path = str(tmp_path / 'ckpt.pt')
-    M.save_checkpoint(path, model_config=M.asdict(m.cfg), res=32, alpha=1.0, encoder=m.encoder.state_dict(),
+    M.save_checkpoint(path, model_config=dataclasses.asdict(m.cfg), res=32, alpha=1.0, encoder=m.encoder.state_dict(),
                       decoder=m.decoder.state_dict(), decoder_ema=ema.state_dict(), kimg=1.5)
     assert os.listdir(tmp_path) == ['ckpt.pt']           # the temporary file was renamed away
     loaded = M.load_checkpoint(path)
