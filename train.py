@@ -79,7 +79,7 @@ CONFIG_KEYS = sorted(set(globals()) - _before - {'_before'})
 # defaults above unless the same key is given on the command line.
 _PAPER = {4: 2400, 8: 2400, 16: 2400, 32: 2400, 64: 10400}
 PRESETS = {
-    # shapes: CPU-sized, about 18 minutes on 2 cores. Three choices differ from the paper, each
+    # shapes: CPU-sized, 15 minutes on 2 cores (README). Three choices differ from the paper, each
     # measured on short runs (README): a 32-d latent for a handful of factors, the authors' extra
     # KL(E(x)) term (with the paper's Eq. 6 alone the clamped margin stops spreading the real
     # encodings, which stay collapsed at init), and margin 0.5 from the start; EMA 0.99 for a short run.
