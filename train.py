@@ -360,8 +360,8 @@ def main(cfg):
         if cfg['channels_last']:
             x = x.contiguous(memory_format=torch.channels_last)
 
-        e_loss, d_loss, parts = train_step(encoder, decoder, ema, robust, opt_enc, opt_dec, scalers, x, res, alpha,
-                                           cfg, m, lambda_x, gen, step, kimg, autocast, rank, world)
+        _, _, parts = train_step(encoder, decoder, ema, robust, opt_enc, opt_dec, scalers, x, res, alpha,
+                                 cfg, m, lambda_x, gen, step, kimg, autocast, rank, world)
         samples += batch * world
         step += 1
         n_log += 1
