@@ -191,7 +191,7 @@ def _to_uint8(img):
     return ((img + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
 
 
-def _open_rgb(source):
+def open_rgb(source):
     """PIL image from a path or a file-like object, as 8-bit RGB (grayscale, RGBA, 16-bit, palette)."""
     from PIL import Image
     im = Image.open(source)
@@ -207,7 +207,7 @@ def _open_rgb(source):
     return im.convert('RGB')
 
 
-def _crop_resize(im, res):
+def crop_resize(im, res):
     """Center-crop to a square, then resize to res (bilinear, antialiased: torchvision's default)."""
     from PIL import Image
     w, h = im.size
@@ -250,8 +250,8 @@ def _decode_all(item):
     """Worker: decode one file and return it at every requested resolution, or the error text."""
     path, resolutions = item
     try:
-        im = _open_rgb(path)
-        return [_crop_resize(im, r).numpy() for r in resolutions], None
+        im = open_rgb(path)
+        return [crop_resize(im, r).numpy() for r in resolutions], None
     except Exception as e:                                      # noqa: BLE001 (any decoder failure)
         return None, f'{type(e).__name__}: {e}'
 
@@ -327,6 +327,9 @@ class FolderSource:
     def __len__(self):
         return len(self.indices)
 
+    def load_batch(self, indices, res):
+        return torch.stack([self.load(i, res) for i in indices])
+
     def load(self, i, res):
         if res not in self._maps:       # opened lazily, so each DataLoader worker maps its own
             self._maps[res] = np.load(self._paths()[1][res], mmap_mode='r')
@@ -392,6 +395,9 @@ class LmdbSource:
     def __len__(self):
         return len(self.indices)
 
+    def load_batch(self, indices, res):
+        return torch.stack([self.load(i, res) for i in indices])
+
     def load(self, i, res):
         import io
         import lmdb
@@ -405,7 +411,7 @@ class LmdbSource:
             with env.begin(write=False) as txn:
                 value = txn.get(key)
             try:
-                return _crop_resize(_open_rgb(io.BytesIO(value)), res)
+                return crop_resize(open_rgb(io.BytesIO(value)), res)
             except Exception as e:                    # noqa: BLE001
                 warnings.warn(f'skipping unreadable LSUN record {key!r} in {self.path} ({type(e).__name__}: {e})')
         raise ValueError(f'no record of {self.path} could be decoded')

@@ -329,12 +329,7 @@ def inception_features(inception, images_fn, count, batch, what):
 
 
 def load_source_images(source, res, start, n, device):
-    idx = list(range(start, start + n))
-    if isinstance(source, data.ShapesSource):
-        x = source.load_batch(idx, res)
-    else:
-        x = torch.stack([source.load(i % len(source), res) for i in idx])
-    return (x.float() / 127.5 - 1).to(device)
+    return (source.load_batch(list(range(start, start + n)), res).float() / 127.5 - 1).to(device)
 
 
 def face_crop(x, dataset, mode='auto'):

@@ -56,7 +56,7 @@ def read_images(spec, res):
     images, names = [], []
     for p in paths:
         try:
-            images.append(data._crop_resize(data._open_rgb(p), res))
+            images.append(data.crop_resize(data.open_rgb(p), res))
             names.append(p)
         except Exception as e:                                  # noqa: BLE001 (any decoder failure)
             warnings.warn(f'skipping {p}: {type(e).__name__}: {e}')
@@ -71,12 +71,7 @@ def test_images(config, res, count):
     split = 'test' if name != 'folder' or config.get('test_fraction', 0) > 0 else 'train'
     source = data.make_source(name, config.get('data_root', ''), split, res, config.get('seed', 0),
                               config.get('test_fraction', 0.0), config.get('cache_dir', ''), 0, lambda *a: None)
-    idx = list(range(min(count, len(source))))
-    if isinstance(source, data.ShapesSource):
-        x = source.load_batch(idx, res)
-    else:
-        x = torch.stack([source.load(i, res) for i in idx])
-    return x.float() / 127.5 - 1
+    return source.load_batch(list(range(min(count, len(source)))), res).float() / 127.5 - 1
 
 
 # --------------------------------------------------------------------------------------------

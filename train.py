@@ -330,7 +330,7 @@ def main(cfg):
     test_source = data.make_source(cfg['dataset'], cfg['data_root'], 'test' if cfg['dataset'] == 'shapes'
                                    or cfg['test_fraction'] > 0 else 'train', mcfg.max_res, cfg['seed'],
                                    cfg['test_fraction'], cfg['cache_dir'], 0, lambda *a: None)
-    fixed_reals = torch.stack([_load(test_source, i, mcfg.max_res) for i in range(8)]).to(dev)
+    fixed_reals = test_source.load_batch([i % len(test_source) for i in range(8)], mcfg.max_res).to(dev)
 
     def fade_reals(res):                                 # the fixed real images at the current resolution
         return torch.nn.functional.adaptive_avg_pool2d(fixed_reals.float() / 127.5 - 1, res)
@@ -443,12 +443,6 @@ def train_step(encoder, decoder, ema, robust, opt_enc, opt_dec, scalers, x, res,
     parts = dict(E=e_loss.detach(), D=d_loss.detach(), **e_parts, kl_dec=d_parts['kl_fake'],
                  dcos=d_parts['cos'], layer=d_parts['layer'])
     return e_loss, d_loss, parts
-
-
-def _load(source, i, res):
-    if isinstance(source, data.ShapesSource):
-        return source.load_batch([i], res)[0]
-    return source.load(i % len(source), res)
 
 
 def crossed(kimg, step_images, every):
