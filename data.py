@@ -218,6 +218,16 @@ def crop_resize(im, res):
     return torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1)
 
 
+def resize_crop_resize(im, crop, res):
+    """The authors' photo transform (their Session.tf): shorter side to `crop`, centre crop to
+    crop x crop, then resize to res (torchvision's bilinear, antialiased), as uint8 (3, res, res)."""
+    import torchvision.transforms.functional as TF
+    im = TF.center_crop(TF.resize(im, crop), crop)
+    if crop != res:
+        im = TF.resize(im, res)
+    return torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1)
+
+
 def list_images(root):
     """All image files under root, sorted by relative path (the order that splits rely on)."""
     if not root:

@@ -485,7 +485,9 @@ def mixing(net, count, batch):
 _before = set(globals())
 metric = 'fid'              # fid | fid_rec | lpips_rec | ppl | mix
 out_dir = 'out'             # reads out_dir/ckpt.pt, appends to out_dir/metrics.jsonl
-ckpt = ''                   # another checkpoint file ('' = out_dir/ckpt.pt)
+ckpt = ''                   # another checkpoint file ('' = out_dir/ckpt.pt), an authors' *_state.pth, or ffhq256 etc.
+dataset = ''                # the real images' data set ('' = the one the checkpoint records; needed for the authors')
+data_root = ''              # ... and their folder or lmdb
 fid_count = 50000           # fid: generated samples and real images (the name says it: fid50k)
 rec_count = 10000           # fid_rec, lpips_rec: held-out images (paper: 10k unseen FFHQ images)
 ppl_count = 100000          # ppl: latent pairs (paper: 100k)
@@ -524,11 +526,14 @@ def main(cfg):
     path = cfg['ckpt'] or os.path.join(cfg['out_dir'], 'ckpt.pt')
     try:
         net = model.load_checkpoint(path, device=dev)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f'error: {e}')
-    ck = torch.load(path, map_location='cpu', weights_only=True)
-    saved, name = ck.get('config', {}), cfg['metric']
-    dataset = saved.get('dataset', 'shapes')
+    # the data set the checkpoint records, or --dataset / --data_root (the authors' files record none)
+    saved = {**net.config, **{k: cfg[k] for k in ('dataset', 'data_root') if cfg[k]}}
+    name, dataset = cfg['metric'], saved.get('dataset', 'shapes')
+    if net.input_crop and not saved.get('data_root') and name not in ('ppl', 'mix'):
+        raise SystemExit(f'error: {net.path} records no data set; pass --dataset=NAME --data_root=PATH '
+                         f'(the real images this metric compares with)')
     paths = dict(vgg=(cfg['vgg_backbone'], cfg['lpips_vgg']), alex=(cfg['alex_backbone'], cfg['lpips_alex']))
     t0 = time.time()
     if name.startswith('fid') and name not in ('fid_rec',):
@@ -571,11 +576,14 @@ def main(cfg):
                   ' | appearance follows B: ' + ' '.join(f'{k} {scores[k]["b"]:.2f}' for k in APPEARANCE))
     else:
         raise SystemExit(f"error: unknown --metric={name!r}; use fid (fid50k, fid5k, ...), fid_rec, lpips_rec, ppl or mix")
-    record = dict(metric=name, value=value, kimg=ck.get('kimg'), res=net.res, ckpt=os.path.abspath(path),
+    record = dict(metric=name, value=value, kimg=net.kimg, res=net.res, ckpt=os.path.abspath(net.path),
                   protocol=protocol, seconds=round(time.time() - t0, 1))
     print(f'{name} = {json.dumps(value) if isinstance(value, dict) else f"{value:.4f}"}  ({net.res}x{net.res}, '
-          f'{ck.get("kimg", 0):.1f} kimg, {record["seconds"]} s)')
-    with open(os.path.join(os.path.dirname(os.path.abspath(path)), 'metrics.jsonl'), 'a') as f:
+          f'{net.kimg:.1f} kimg, {record["seconds"]} s)')
+    # beside this repo's checkpoints; the authors' files often sit in a shared cache, so out_dir
+    log_dir = cfg['out_dir'] if net.input_crop else os.path.dirname(os.path.abspath(net.path))
+    os.makedirs(log_dir, exist_ok=True)
+    with open(os.path.join(log_dir, 'metrics.jsonl'), 'a') as f:
         f.write(json.dumps(record) + '\n')
     return record
 

@@ -11,6 +11,7 @@ Latents are (B, nz) on the unit sphere, or (B, n_blocks, nz) to drive each decod
 """
 import math
 import os
+import re
 from dataclasses import dataclass, fields
 
 import torch
@@ -374,6 +375,8 @@ class Automodulator(nn.Module):
         self.decoder = Decoder(cfg)
         self.res = cfg.max_res if res is None else res
         self.alpha = alpha
+        self.input_crop = None      # authors' models: their photo transform's crop size (from_authors)
+        self.config, self.kimg, self.path = {}, 0.0, None   # training config, progress, file (load_checkpoint)
         level(self.res, cfg.max_res)
 
     def encode(self, images):
@@ -423,23 +426,193 @@ def save_checkpoint(path, **state):
 def load_checkpoint(path, ema=True, device='cpu'):
     """Rebuild an Automodulator from a checkpoint, at the resolution and alpha it had reached.
 
-    The file holds `model_config` (a ModelConfig as a dict), `res`, `alpha`, `encoder`, `decoder`
-    and (from training) `decoder_ema`, which is used when ema=True and present. Returns it in eval mode.
+    This repo's files hold `model_config` (a ModelConfig as a dict), `res`, `alpha`, `encoder`,
+    `decoder` and (from training) `decoder_ema`, used when ema=True and present. The authors'
+    `<samples>_state.pth` files are recognised by their keys and converted (`from_authors`); a
+    released model can also be named ('ffhq256', ...: RELEASED). Returns the model in eval mode.
     """
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f'no checkpoint at {path}; train one with `python train.py` '
-                                f'(it writes out_dir/ckpt.pt) or pass the path of another')
-    ck = torch.load(path, map_location='cpu', weights_only=True)
-    missing = [k for k in ('model_config', 'res', 'encoder', 'decoder') if k not in ck]
-    if missing:
-        raise ValueError(f'{path} is not a checkpoint of this repo: missing {missing} '
-                         f'(it has {sorted(ck)[:8]})')
-    names = {f.name for f in fields(ModelConfig)}
-    cfg = ModelConfig(**{k: v for k, v in ck['model_config'].items() if k in names})
-    model = Automodulator(cfg, res=ck['res'], alpha=ck.get('alpha', 1.0))
-    model.encoder.load_state_dict(ck['encoder'])
-    model.decoder.load_state_dict(ck['decoder_ema'] if ema and 'decoder_ema' in ck else ck['decoder'])
+    path = resolve_checkpoint(path)
+    try:
+        ck = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:                                       # noqa: BLE001 (truncated, not torch, ...)
+        raise ValueError(f'could not read {path} as a torch checkpoint ({type(e).__name__}: '
+                         f'{str(e).splitlines()[0][:200]}); is the file complete?') from None
+    if isinstance(ck, dict) and 'G_running_state_dict' in ck:
+        model = from_authors(ck, ema=ema, name=os.path.basename(path))
+        model.kimg = ck.get('iteration', 0) / 1000
+        model.config = {'dataset': r[4] for r in RELEASED.values() if r[0] == os.path.basename(path)}
+    else:
+        missing = [k for k in ('model_config', 'res', 'encoder', 'decoder') if not isinstance(ck, dict) or k not in ck]
+        if missing:
+            raise ValueError(f'{path} is not a checkpoint of this repo or of the authors\' code: missing '
+                             f'{missing} (it has {sorted(ck)[:8] if isinstance(ck, dict) else type(ck).__name__})')
+        names = {f.name for f in fields(ModelConfig)}
+        cfg = ModelConfig(**{k: v for k, v in ck['model_config'].items() if k in names})
+        model = Automodulator(cfg, res=ck['res'], alpha=ck.get('alpha', 1.0))
+        model.encoder.load_state_dict(ck['encoder'])
+        model.decoder.load_state_dict(ck['decoder_ema'] if ema and 'decoder_ema' in ck else ck['decoder'])
+        model.kimg, model.config = ck.get('kimg', 0.0), ck.get('config', {})
+    model.path = path
     return model.to(device).eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# The authors' released models (Zenodo record 4298894; reference doc section 7)
+
+ZENODO = 'https://zenodo.org/record/4298894/files/{}?download=1'
+# name: (file, resolution, decoder widths, crop of their input transform, our data set name)
+RELEASED = {
+    'ffhq256': ('34740000_state.pth', 256, 'large', 256, 'ffhq'),
+    'ffhq512': ('42420000_state.pth', 512, 'large', 512, 'ffhq'),
+    'celebahq256': ('31877148_state.pth', 256, 'small', 256, 'celebahq'),
+    'lsuncars256': ('32057140_state.pth', 256, 'large', 256, 'lsun_cars'),
+    'lsunbedrooms256': ('27574284_state.pth', 256, 'large', 256, 'lsun_bedroom'),
+}
+
+
+def resolve_checkpoint(path):
+    """A local file, or a released model by name or file name, fetched once into torch.hub's cache."""
+    if os.path.isfile(path):
+        return path
+    release = {n: r for n, r in RELEASED.items() if path == n or os.path.basename(path) == r[0]}
+    if not release:
+        raise FileNotFoundError(f'no checkpoint at {path}; train one with `python train.py` (it writes '
+                                f'out_dir/ckpt.pt), pass the path of another, or name a released model: '
+                                f'{", ".join(RELEASED)}')
+    name, (file, *_rest) = release.popitem()
+    cached = os.path.join(torch.hub.get_dir(), 'checkpoints', file)
+    if not os.path.isfile(cached):
+        url = ZENODO.format(file)
+        try:
+            os.makedirs(os.path.dirname(cached), exist_ok=True)
+            torch.hub.download_url_to_file(url, cached, progress=True)
+        except Exception as e:                                   # noqa: BLE001 (no network, HTTP error, ...)
+            raise FileNotFoundError(f'the released model {name!r} is not in the cache and could not be '
+                                    f'downloaded ({type(e).__name__}: {e}). Download {url} and put it at '
+                                    f'{cached}, or pass --ckpt=/path/to/{file}') from None
+    return cached
+
+
+def _authors_decoder(sd, n, arch):
+    """Their Generator's state dict (levels 0..n) -> ours, and the keys it consumed."""
+    out, used = {}, set()
+
+    def take(key):
+        used.add(key)
+        return sd[key]
+
+    def conv(src, dst):                  # equalized-lr conv: fold the (gradient-free) gain into the weight
+        out[f'{dst}.weight'] = take(f'{src}.weight_orig') * take(f'{src}.weight_gain')
+        out[f'{dst}.bias'] = take(f'{src}.bias')
+
+    def style(src, dst, k):              # AdaIN map; adanorm_blocks.k holds the same module a second time
+        for p in ('weight', 'bias'):
+            out[f'{dst}.style.{p}'] = take(f'{src}.mod.{p}')
+            if not torch.equal(take(f'adanorm_blocks.{k}.mod.{p}'), out[f'{dst}.style.{p}']):
+                raise ValueError(f'adanorm_blocks.{k}.mod.{p} differs from {src}.mod.{p}: their code '
+                                 f'registers one module under both names, so the file is inconsistent')
+
+    conv('progression.0.conv.1.conv', 'blocks.0.layers.0.conv')
+    style('progression.0.conv.3', 'blocks.0.layers.0.adain', 0)
+    for i in range(1, n + 1):
+        conv(f'progression.{i}.conv.0.0.conv', f'blocks.{i}.layers.0.conv')
+        style(f'progression.{i}.conv.0.3', f'blocks.{i}.layers.0.adain', 2 * i - 1)
+        conv(f'progression.{i}.conv.1.conv', f'blocks.{i}.layers.1.conv')
+        style(f'progression.{i}.conv.3', f'blocks.{i}.layers.1.adain', 2 * i)
+        for k in range(2):
+            out[f'blocks.{i}.layers.{k}.noise.scale'] = take(f'noise.{i}.{k}.noise_scale')
+    for i in range(n + 1):
+        for p in ('weight', 'bias'):
+            out[f'to_rgb.{i}.{p}'] = take(f'to_rgb.{i}.{p}')
+    return out, used
+
+
+def _authors_encoder(sd, snu, n):
+    """Their Discriminator (level i stored at index 8 - i) and SN u vectors -> ours, and keys used."""
+    out, used = {}, set()
+    for i in range(n + 1):
+        j = 8 - i
+        for c, (src, dst) in enumerate(((f'progression.{j}.conv.0.conv', f'blocks.{i}.conv1'),
+                                        (f'progression.{j}.conv.2.conv', f'blocks.{i}.conv2'))):
+            w = sd[f'{src}.weight_orig']
+            u = snu[2 * j + c].reshape(-1).to(w.dtype)
+            # their eval-mode spectral norm: one power step from the stored (frozen) u per forward,
+            # sigma = u'^T W v; torch's parametrization in eval computes u^T W v from its _u, _v
+            w_mat = w.flatten(1)
+            v = F.normalize(w_mat.t() @ u, dim=0, eps=0)
+            u = F.normalize(w_mat @ v, dim=0, eps=0)
+            out.update({f'{dst}.parametrizations.weight.original': w, f'{dst}.bias': sd[f'{src}.bias'],
+                        f'{dst}.parametrizations.weight.0._u': u, f'{dst}.parametrizations.weight.0._v': v})
+            used |= {f'{src}.weight_orig', f'{src}.bias'}
+        for p in ('weight', 'bias'):
+            out[f'from_rgb.{i}.{p}'] = sd[f'from_rgb.{j}.{p}']
+            used.add(f'from_rgb.{j}.{p}')
+    return out, used
+
+
+def _authors_unused(key, n, part):
+    """Keys their files hold that a model at level n does not use, by design: levels above n (the
+    encoder stores level i at index 8 - i), the 4x4 block's idle noise, the 17 AdaIN maps' second
+    names beyond level n, the mapping network (off: --stylefc 0) and the unused label embedding."""
+    m = re.match(r'(\w+)\.(\d+)\.', key)
+    if part == 'D':
+        return bool(m) and m.group(1) in ('progression', 'from_rgb') and 8 - int(m.group(2)) > n
+    if m and m.group(1) in ('progression', 'to_rgb', 'noise'):
+        return int(m.group(2)) > n or m.group(1) == 'noise' and m.group(2) == '0'
+    if m and m.group(1) == 'adanorm_blocks':
+        return int(m.group(2)) > 2 * n
+    return key.startswith(('z_preprocess.', 'label_embed.'))
+
+
+def from_authors(ck, ema=True, name='checkpoint'):
+    """An Automodulator that computes what the authors' code computes in eval mode for a
+    `<samples>_state.pth` of theirs: architecture and resolution from the tensors and the stored
+    phase, their running-average decoder (G_running_state_dict) when ema=True. Every tensor is
+    either converted or one of the documented unused ones; anything else is an error."""
+    need = ['G_state_dict', 'G_running_state_dict', 'D_state_dict', 'SNU', 'phase', 'alpha']
+    missing = [k for k in need if k not in ck]
+    if missing:
+        raise ValueError(f'{name}: an authors\' checkpoint needs {need}; missing {missing}')
+    strip = lambda sd: {k[len('module.'):] if k.startswith('module.') else k: v for k, v in sd.items()}
+    g = strip(ck['G_running_state_dict'] if ema else ck['G_state_dict'])
+    d = strip(ck['D_state_dict'])
+    if any(k.startswith('supportProgression') for k in g):
+        raise ValueError(f'{name} was trained with --flip_invariance_layer (an extra support block); '
+                         f'converting those is not supported')
+    n = int(ck['phase'])
+    if not 0 <= n <= 8:
+        raise ValueError(f'{name}: phase {n} is outside 0..8')
+    res = 4 * 2 ** n
+    arch = 'large' if g.get('to_rgb.4.weight', torch.empty(3, 512)).shape[1] == 512 else 'small'
+    nz = g['to_rgb.0.weight'].shape[1] if 'to_rgb.0.weight' in g else 512
+    alpha = float(ck['alpha'])
+    alpha = alpha if 0 <= alpha < 1 else 1.0                    # theirs: -1 (or >= 1) means no fade
+    cfg = ModelConfig(max_res=res, nz=nz, arch=arch, **AUTHORS)
+    net = Automodulator(cfg, res=res, alpha=alpha)
+    snu = list(ck['SNU'])
+    if len(snu) != 18:
+        raise ValueError(f'{name}: SNU holds {len(snu)} u vectors, their encoder has 18 SN convs')
+    try:
+        dec, dec_used = _authors_decoder(g, n, arch)
+        enc, enc_used = _authors_encoder(d, snu, n)
+    except KeyError as e:
+        raise ValueError(f'{name}: key {e.args[0]!r} is missing for a {res}x{res} {arch} model '
+                         f'(truncated file, or not the authors\' layout)') from None
+    for what, sd, used, part in (('G_running_state_dict' if ema else 'G_state_dict', g, dec_used, 'G'),
+                                 ('D_state_dict', d, enc_used, 'D')):
+        unexpected = sorted(k for k in sd if k not in used and not _authors_unused(k, n, part))
+        if unexpected:
+            raise ValueError(f'{name}: unexpected keys in {what}: {unexpected[:6]}'
+                             f'{" ..." if len(unexpected) > 6 else ""}')
+    for net_part, sd in ((net.decoder, dec), (net.encoder, enc)):
+        own = net_part.state_dict()
+        bad = [f'{k}: file {tuple(v.shape)}, model {tuple(own[k].shape)}' for k, v in sd.items()
+               if k in own and own[k].shape != v.shape]
+        if bad:
+            raise ValueError(f'{name}: shapes do not match a {res}x{res} {arch} model: {bad[:4]}')
+        net_part.load_state_dict(sd, strict=True)
+    net.input_crop = 512 if res >= 512 else 256                 # their Session.tf: 256, or 512 for ffhq512
+    return net
 
 
 def count(params):

@@ -7,12 +7,13 @@
     python sample.py --mode=interp             # 4 encoded images in the corners, slerp between (Fig. 12)
     python sample.py --mode=invariance         # pose (blocks 0-1) from the top row (Fig. 5)
     python sample.py --mix 2:4 --inputs=faces/ --ckpt=ffhq.pt
+    python sample.py --ckpt=ffhq256 --mix coarse --inputs=my_aligned_faces/   # the authors' model
 
 Reads out_dir/ckpt.pt (or --ckpt), decodes with the EMA decoder at the resolution the checkpoint
 reached, and writes one PNG grid into out_dir (its path is printed). Real inputs default to the
 held-out test split of the data set the checkpoint was trained on; --inputs takes a folder or
-comma-separated files, center-cropped and resized as in training. Face models expect aligned faces,
-as FFHQ and CelebA-HQ are. The functions are importable: encode / mix / decode without the CLI.
+comma-separated files, center-cropped and resized as in training (for the authors' released models,
+their own resize -> centre crop -> resize). Face models expect aligned faces, as FFHQ and CelebA-HQ are. The functions are importable: encode / mix / decode without the CLI.
 """
 import os
 import warnings
@@ -30,7 +31,7 @@ mode = 'mix'                # mix | recon | random | cond | interp | invariance
 mix = 'coarse'              # mix: blocks that take B's latents: coarse (4-8) | intermediate (16-32) | fine (64+) | a:b
 cond = 'coarse'             # cond: blocks the input fixes, random latents drive the rest
 out_dir = 'out'             # where ckpt.pt is read and the grid is written
-ckpt = ''                   # checkpoint file ('' = out_dir/ckpt.pt)
+ckpt = ''                   # checkpoint file ('' = out_dir/ckpt.pt), an authors' *_state.pth, or ffhq256 etc.
 inputs = ''                 # real images: a folder or comma-separated files ('' = the data set's test split)
 inputs_b = ''               # mix: the top row's sources ('' = the images after the first n of inputs)
 n = 6                       # sources per row / column, inputs in recon and cond, samples in random
@@ -49,14 +50,16 @@ CONFIG_KEYS = sorted(set(globals()) - _before - {'_before'})
 # --------------------------------------------------------------------------------------------
 # Inputs
 
-def read_images(spec, res):
-    """Images from a folder or comma-separated files, as (B, 3, res, res) in [-1, 1], and their names.
+def read_images(spec, res, crop=None):
+    """Images from a folder or comma-separated files, as (B, 3, res, res) in [-1, 1], and their names:
+    centre crop and resize, or with `crop` the authors' resize -> crop -> resize (their models).
     Unreadable files are skipped with a warning; none readable is an error."""
     paths = data.list_images(spec) if os.path.isdir(spec) else [p for p in spec.split(',') if p]
     images, names = [], []
     for p in paths:
         try:
-            images.append(data.crop_resize(data.open_rgb(p), res))
+            im = data.open_rgb(p)
+            images.append(data.resize_crop_resize(im, crop, res) if crop else data.crop_resize(im, res))
             names.append(p)
         except Exception as e:                                  # noqa: BLE001 (any decoder failure)
             warnings.warn(f'skipping {p}: {type(e).__name__}: {e}')
@@ -170,22 +173,23 @@ def main(cfg):
     dev = 'cuda' if cfg['device'] == 'auto' and torch.cuda.is_available() else ('cpu' if cfg['device'] == 'auto' else cfg['device'])
     try:
         net = model.load_checkpoint(path, ema=cfg['ema'], device=dev)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f'error: {e}')
-    saved = torch.load(path, map_location='cpu', weights_only=True).get('config', {})
-    res, k, noise_on = net.res, cfg['n'], cfg['noise']
+    saved, res, k, noise_on = net.config, net.res, cfg['n'], cfg['noise']
     want = {'mix': 2 * k, 'recon': k, 'cond': k, 'interp': 4, 'invariance': 2 * k}.get(cfg['mode'], 0)
     if cfg['mode'] not in ('mix', 'recon', 'random', 'cond', 'interp', 'invariance'):
         raise SystemExit(f"error: unknown --mode={cfg['mode']!r}; use mix, recon, random, cond, interp or invariance")
+    if want and not cfg['inputs'] and (net.input_crop or saved.get('dataset', 'shapes') != 'shapes' and not saved.get('data_root')):
+        raise SystemExit(f'error: {path} records no images to use; pass --inputs=FOLDER (or comma-separated files)')
     if want:
-        x = read_images(cfg['inputs'], res)[0] if cfg['inputs'] else test_images(saved, res, want)
+        x = read_images(cfg['inputs'], res, net.input_crop)[0] if cfg['inputs'] else test_images(saved, res, want)
         x = x.to(dev)
     try:
         if cfg['mode'] in ('mix', 'invariance'):
             spec = cfg['mix'] if cfg['mode'] == 'mix' else '0:2'
             blocks = blocks_of(net, spec)
             if cfg['inputs_b']:
-                a, b = x[:k], read_images(cfg['inputs_b'], res)[0][:k].to(dev)
+                a, b = x[:k], read_images(cfg['inputs_b'], res, net.input_crop)[0][:k].to(dev)
             else:
                 a, b = (x[:k], x[k:2 * k]) if len(x) > k else (x, x)
             rows = mix_grid(net, a, b, blocks, noise_on)

@@ -234,6 +234,211 @@ def test_checkpoint_roundtrip_uses_ema_decoder(tmp_path):
         M.load_checkpoint(str(tmp_path / 'nope.pt'))
 
 
+# The authors' checkpoint files (reference doc 7 and original-checkpoint-layout-*.txt)
+
+def authors_layout(arch):
+    """key -> shape of G_state_dict (and G_running_state_dict) and D_state_dict in an authors'
+    `<samples>_state.pth`, in file order, and the SNU shapes. Checked once by hand against
+    ../shared/reference/original-checkpoint-layout-{large,small}.txt: same keys, order and shapes."""
+    c = [512, 512, 512, 512] + [w * (2 if arch == 'large' else 1) for w in (256, 128, 64, 32, 16)]
+    g = {'label_embed.weight': (1, 1)}
+    for k, ch in enumerate([c[0]] + [c[i] for i in range(1, 9) for _ in range(2)]):
+        g.update({f'adanorm_blocks.{k}.mod.weight': (2 * ch, 512), f'adanorm_blocks.{k}.mod.bias': (2 * ch,)})
+
+    def layer(conv, mod, cout, cin):
+        g.update({f'{conv}.bias': (cout,), f'{conv}.weight_orig': (cout, cin, 3, 3), f'{conv}.weight_gain': (1,),
+                  f'{mod}.mod.weight': (2 * cout, 512), f'{mod}.mod.bias': (2 * cout,)})
+    layer('progression.0.conv.1.conv', 'progression.0.conv.3', 512, 512)
+    for i in range(1, 9):
+        layer(f'progression.{i}.conv.0.0.conv', f'progression.{i}.conv.0.3', c[i], c[i - 1])
+        layer(f'progression.{i}.conv.1.conv', f'progression.{i}.conv.3', c[i], c[i])
+    g.update({f'to_rgb.{i}.{p}': (3, c[i], 1, 1) if p == 'weight' else (3,) for i in range(9) for p in ('weight', 'bias')})
+    g.update({f'noise.{i}.{k}.noise_scale': (c[i],) for i in range(9) for k in range(2)})
+    g.update({f'z_preprocess.{k}.0.{p}': s for k in range(2)
+              for p, s in (('bias', (512,)), ('weight_orig', (512, 512)), ('weight_gain', (1,)))})
+    e = [16, 32, 64, 128, 256, 512, 512, 512, 512, 512]
+    d = {}
+    for j in range(9):
+        d.update({f'progression.{j}.conv.0.conv.bias': (e[j + 1],),
+                  f'progression.{j}.conv.0.conv.weight_orig': (e[j + 1], e[j], 3, 3),
+                  f'progression.{j}.conv.2.conv.bias': (e[j + 1],),
+                  f'progression.{j}.conv.2.conv.weight_orig': (e[j + 1], e[j + 1]) + ((4, 4) if j == 8 else (3, 3))})
+    d.update({f'from_rgb.{j}.{p}': (e[j], 3, 1, 1) if p == 'weight' else (e[j],) for j in range(9) for p in ('weight', 'bias')})
+    return g, d, [(e[j + 1], 1) for j in range(9) for _ in range(2)]
+
+
+def _level_of(key, part):
+    m = re.match(r'(\w+)\.(\d+)\.', key)
+    if part == 'D':
+        return 8 - int(m.group(2))
+    if m and m.group(1) == 'adanorm_blocks':
+        return (int(m.group(2)) + 1) // 2
+    return int(m.group(2)) if m and m.group(1) in ('progression', 'to_rgb', 'noise') else None
+
+
+def write_authors_checkpoint(path, arch='large', phase=2, alpha=-1, drop=(), extra=()):
+    """A random checkpoint in the authors' structure (DataParallel 'module.' keys, 3 optimizers,
+    SNU, 9 robust losses). Tensors of levels above `phase` and of the unused mapping network are
+    stride-0 views of one number: the right shapes at a fraction of the file size."""
+    gen = torch.Generator().manual_seed(3)
+    g_shapes, d_shapes, snu_shapes = authors_layout(arch)
+
+    def fill(shapes, part):
+        out = {}
+        for k, s in shapes.items():
+            lvl = _level_of(k, part)
+            if lvl is None or lvl > phase:
+                out[k] = torch.zeros(1).expand(s)
+            elif k.endswith('weight_gain'):
+                out[k] = 0.8 + 0.4 * torch.rand(s, generator=gen)
+            else:
+                out[k] = torch.randn(s, generator=gen) * (0.3 if k.endswith(('bias', 'noise_scale')) else 1)
+        return out
+    g_run, d = fill(g_shapes, 'G'), fill(d_shapes, 'D')
+    for k in list(g_run):                                  # the same modules under two names
+        m = re.match(r'adanorm_blocks\.(\d+)\.mod\.(\w+)', k)
+        if m and int(m.group(1)) <= 2 * phase:
+            a = int(m.group(1))
+            src = 'progression.0.conv.3' if a == 0 else f'progression.{(a + 1) // 2}.conv.{"0.3" if a % 2 else "3"}'
+            g_run[k] = g_run[f'{src}.mod.{m.group(2)}']
+    g = dict(g_run, **{f'to_rgb.{phase}.weight': -g_run[f'to_rgb.{phase}.weight']})   # live != running
+    snu = [torch.randn(s, generator=gen) for s in snu_shapes]
+    mod = lambda sd: {'module.' + k: v for k, v in sd.items() if k not in drop} | {'module.' + k: torch.zeros(1) for k in extra}
+    ck = dict(G_state_dict=mod(g), D_state_dict=mod(d), G_running_state_dict=mod(g_run), optimizerD={}, optimizerG={},
+              optimizerA={}, iteration=31_877_148, phase=phase, alpha=alpha, SNU=snu)
+    ck.update({f'adaptive_loss_{j}': ({'latent_alpha': torch.zeros(1, 3 * 4 ** (j + 2)).expand(1, -1),
+                                       'latent_scale': torch.zeros(1, 3 * 4 ** (j + 2))},) for j in range(9)})
+    torch.save(ck, path)
+    return g_run, d, snu
+
+
+def _authors_decode(g, z, n):
+    """Their Generator in eval mode with layer noise off, written from reference doc 1.2."""
+    def adain(x, lin):
+        a = F.linear(z, g[f'{lin}.mod.weight'], g[f'{lin}.mod.bias'])[:, :, None, None]
+        c = x.shape[1]
+        x = (x - x.mean((2, 3), keepdim=True)) / x.flatten(2).std(2)[:, :, None, None]
+        return a[:, :c] * x + a[:, c:]
+
+    def conv(x, p):
+        w = g[f'{p}.weight_orig']
+        return F.conv2d(x, w * math.sqrt(2 / w[0].numel()) * g[f'{p}.weight_gain'], g[f'{p}.bias'], padding=1)
+    blur = (torch.tensor([1., 2., 1.])[:, None] * torch.tensor([1., 2., 1.]) / 16)[None, None]
+    x = adain(F.leaky_relu(conv(torch.ones(len(z), 512, 4, 4), 'progression.0.conv.1.conv'), 0.2), 'progression.0.conv.3')
+    for i in range(1, n + 1):
+        x = F.interpolate(x, scale_factor=2)
+        x = conv(x, f'progression.{i}.conv.0.0.conv')
+        x = F.conv2d(x, blur.expand(x.shape[1], 1, 3, 3), padding=1, groups=x.shape[1])
+        x = adain(F.leaky_relu(x, 0.2), f'progression.{i}.conv.0.3')
+        x = adain(F.leaky_relu(conv(x, f'progression.{i}.conv.1.conv'), 0.2), f'progression.{i}.conv.3')
+    return F.conv2d(x, g[f'to_rgb.{n}.weight'], g[f'to_rgb.{n}.bias'])
+
+
+def _authors_encode(d, snu, x, n):
+    """Their Discriminator (binary_predictor=False) in eval mode, with frozen SN u (reference doc 1.3)."""
+    def sn_conv(h, p, u, pad):
+        w = d[f'{p}.weight_orig']
+        mat = w.reshape(len(w), -1)
+        v = mat.t() @ u
+        v = v / v.norm()
+        u = mat @ v
+        u = u / u.norm()
+        return F.conv2d(h, w / (u.t() @ mat @ v), d[f'{p}.bias'], padding=pad)
+    h = F.conv2d(x, d[f'from_rgb.{8 - n}.weight'], d[f'from_rgb.{8 - n}.bias'])
+    for i in range(n, -1, -1):
+        j = 8 - i
+        h = F.leaky_relu(sn_conv(h, f'progression.{j}.conv.0.conv', snu[2 * j], 1), 0.2)
+        h = sn_conv(h, f'progression.{j}.conv.2.conv', snu[2 * j + 1], 0 if i == 0 else 1)
+        h = h if i == 0 else F.avg_pool2d(F.leaky_relu(h, 0.2), 2)
+    return F.normalize(h.flatten(1), dim=1)
+
+
+@pytest.mark.parametrize('arch', ['large', 'small'])
+def test_authors_checkpoint_converts_and_computes_what_their_code_does(tmp_path, arch):
+    path = str(tmp_path / '31877148_state.pth')
+    g, d, snu = write_authors_checkpoint(path, arch, phase=2 if arch == 'large' else 1)
+    n = 2 if arch == 'large' else 1
+    net = M.load_checkpoint(path)
+    assert net.res == net.cfg.max_res == 4 * 2 ** n and net.alpha == 1.0 and not net.training
+    assert net.cfg.arch == arch and net.cfg.nz == 512 and all(getattr(net.cfg, k) == v for k, v in M.AUTHORS.items())
+    assert net.input_crop == 256 and net.kimg == 31_877.148 and net.config == {'dataset': 'celebahq'}
+    # every tensor of levels 0..n went somewhere: the converted model's parameter count equals theirs
+    used = sum(v.numel() for k, v in g.items() if (_level_of(k, 'G') or 0) <= n and not k.startswith(
+        ('adanorm', 'label', 'z_pre', 'noise.0.')) and not k.endswith('weight_gain'))
+    assert M.count(net.decoder.parameters()) == used
+    assert M.count(net.encoder.parameters()) == sum(v.numel() for k, v in d.items() if _level_of(k, 'D') <= n)
+    x = torch.rand(3, 3, net.res, net.res, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    z = M.sample_prior(3, 512, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want_z, got_z = _authors_encode(d, snu, x, n), net.encode(x)
+        assert ((got_z - want_z).norm() / want_z.norm()) < 1e-4
+        want, got = _authors_decode(g, z, n), net.decode(z, noise=False)
+        assert ((got - want).norm() / want.norm()) < 1e-4
+        # G_state_dict is the live decoder; G_running (the default) is what their evaluation uses
+        live = M.load_checkpoint(path, ema=False).decode(z, noise=False)
+        assert not torch.allclose(live, got) and torch.allclose(live, got - 2 * F.conv2d(
+            net.decoder.canvas(z, n + 1, noise=False), g[f'to_rgb.{n}.weight']), atol=1e-4)
+
+
+def test_authors_checkpoint_errors_name_the_keys(tmp_path):
+    path = str(tmp_path / 'a_state.pth')
+    write_authors_checkpoint(path, phase=1, drop=('progression.1.conv.3.mod.weight',))
+    with pytest.raises(ValueError, match=r"progression\.1\.conv\.3\.mod\.weight' is missing for a 8x8 large"):
+        M.load_checkpoint(path)
+    write_authors_checkpoint(path, phase=1, extra=('progression.1.conv.9.weight', 'mystery'))
+    with pytest.raises(ValueError, match=r"unexpected keys in G_running_state_dict: \['mystery', 'progression\.1\.conv\.9"):
+        M.load_checkpoint(path)
+    with open(path, 'rb') as f:
+        head = f.read(100_000)
+    with open(path, 'wb') as f:                              # a truncated download
+        f.write(head)
+    with pytest.raises(ValueError, match='could not read .*a_state.pth as a torch checkpoint.*complete'):
+        M.load_checkpoint(path)
+
+
+def test_released_models_resolve_through_the_hub_cache(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.hub, 'get_dir', lambda: str(tmp_path / 'hub'))
+    calls = []
+
+    def offline(url, dst, progress=True):
+        calls.append((url, dst))
+        raise OSError('network is unreachable')
+    monkeypatch.setattr(torch.hub, 'download_url_to_file', offline)
+    cached = tmp_path / 'hub' / 'checkpoints' / '34740000_state.pth'
+    url = 'https://zenodo.org/record/4298894/files/34740000_state.pth?download=1'
+    with pytest.raises(FileNotFoundError) as e:
+        M.load_checkpoint('ffhq256')
+    assert url in str(e.value) and str(cached) in str(e.value) and calls == [(url, str(cached))]
+    write_authors_checkpoint(str(cached), phase=0)
+    for name in ('ffhq256', '34740000_state.pth'):
+        net = M.load_checkpoint(name)
+        assert net.res == 4 and net.path == str(cached) and net.config == {'dataset': 'ffhq'}
+    assert len(calls) == 1
+
+
+def test_sample_and_metrics_take_an_authors_checkpoint(tmp_path):
+    import sample as S
+    from PIL import Image
+    path = str(tmp_path / '12_state.pth')
+    write_authors_checkpoint(path, phase=1)
+    faces = tmp_path / 'faces'
+    faces.mkdir()
+    for i in range(4):
+        Image.new('RGB', (40 + 10 * i, 30), (60 * i, 90, 200 - 40 * i)).save(faces / f'{i}.png')
+    cfg = {k: getattr(S, k) for k in S.CONFIG_KEYS}
+    out = S.main({**cfg, 'ckpt': path, 'mode': 'mix', 'n': 2, 'inputs': str(faces), 'out': str(tmp_path / 'm.png')})
+    assert _png(out).shape == (3, 3 * 66 + 2, 3 * 66 + 2)          # B row over A column, 2 x 2 mixes
+    # the authors' transform: shorter side to 256, centre crop, resize to the model's 8x8
+    x, _ = S.read_images(str(faces / '3.png'), 8, crop=256)
+    import torchvision.transforms as T
+    want = T.Compose([T.Resize(256), T.CenterCrop(256), T.Resize(8), T.PILToTensor()])(Image.open(faces / '3.png'))
+    assert torch.equal(x[0], want.float() / 127.5 - 1)
+    with pytest.raises(SystemExit, match='pass --inputs'):
+        S.main({**cfg, 'ckpt': path, 'mode': 'recon'})
+    r = _cli('metrics.py', '--metric=lpips_rec', f'--ckpt={path}', f'--out_dir={tmp_path}')
+    assert r.returncode != 0 and '--dataset=NAME --data_root=PATH' in r.stderr
+
+
 # ---------------------------------------------------------------------------------------------
 # losses.py
 
