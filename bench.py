@@ -69,10 +69,24 @@ def flops_of(fn):
     return counter.get_total_flops()
 
 
+def cpu_name():
+    """The CPU's model name (Linux), else what platform knows."""
+    try:
+        with open('/proc/cpuinfo') as f:
+            return next(line.split(':', 1)[1].strip() for line in f if line.startswith('model name'))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def peak_flops(dev, dt, n=2048, reps=5):
-    """This device's matmul FLOP/s in dtype dt: the denominator of the utilisation."""
-    a, b = torch.randn(n, n, device=dev, dtype=dt), torch.randn(n, n, device=dev, dtype=dt)
-    return 2 * n ** 3 / timed(lambda: a @ b, dev, 2, reps)
+    """This device's matmul FLOP/s in dtype dt: the denominator of the utilisation. A dtype the
+    hardware lacks (bfloat16 on a CPU without AVX-512 BF16 or AMX) is emulated and ~100x slower:
+    the matrix then shrinks until one product takes under a second, not minutes."""
+    while True:
+        a, b = torch.randn(n, n, device=dev, dtype=dt), torch.randn(n, n, device=dev, dtype=dt)
+        if n <= 256 or timed(lambda: a @ b, dev, 0, 1) < 1.0:
+            return 2 * n ** 3 / timed(lambda: a @ b, dev, 2, reps)
+        n //= 2
 
 
 def build(cfg, dev, max_res):
@@ -95,7 +109,7 @@ def bench_train(cfg, dev, autocast, report):
     opt_enc = torch.optim.Adam(list(net.encoder.parameters()) + list(robust.parameters()), **adam)
     opt_dec = torch.optim.Adam(net.decoder.parameters(), **adam)
     scalers = [torch.amp.GradScaler(dev.type, enabled=cfg['dtype'] == 'float16') for _ in range(2)]
-    tcfg = dict(mix_ratio=0.25, extra_kl=False, upper_clamp=False, authors=cfg['authors'], lambda_z=2.0,
+    tcfg = dict(mix_ratio=0.25, extra_kl=False, upper_clamp=False, invariance="", authors=cfg['authors'], lambda_z=2.0,
                 lambda_j=10.0, ema_decay=0.999)
     x = torch.rand(cfg['batch'], 3, r, r, device=dev) * 2 - 1
     if cfg['channels_last']:
@@ -163,10 +177,13 @@ def main(cfg):
     if dev.type == 'cuda':
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    machine = torch.cuda.get_device_name(dev) if dev.type == 'cuda' else f'{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads'
+    machine = torch.cuda.get_device_name(dev) if dev.type == 'cuda' else f'{cpu_name()}, {torch.get_num_threads()} threads'
     peak = peak_flops(dev, dt)
     print(f'device {dev} ({machine}) | dtype {cfg["dtype"]} | compile {cfg["compile"]} | channels_last '
           f'{cfg["channels_last"]} | torch {torch.__version__} | matmul peak {peak / 1e9:.1f} GFLOP/s')
+    if dt != torch.float32 and peak < peak_flops(dev, torch.float32, 512):
+        print(f'note: {cfg["dtype"]} matmuls are slower than float32 here: this device emulates {cfg["dtype"]} '
+              f'(a CPU without AVX-512 BF16 / AMX); use --dtype=float32 on it')
     results = dict(device=str(dev), machine=machine, torch=torch.__version__, peak_flops=peak,
                    options={k: cfg[k] for k in CONFIG_KEYS}, results={})
 

@@ -261,7 +261,10 @@ def fake_batch(decoder, n, res, alpha, mix_ratio=MIX_RATIO, generator=None, nois
     """
     device = decoder.const.device
     nz = decoder.cfg.nz
-    top = level(res, decoder.cfg.max_res)
+    lvl = level(res, decoder.cfg.max_res)
+    top = decoder.last_block(lvl)                                    # splits j in 1..top
+    if alpha < 1 and lvl > 0:           # the fade-in needs the previous resolution's features: with
+        top = min(top, decoder.last_block(lvl - 1) + 1)  # an extra 8x8 block, no split after it at 8x8 yet
     n_mix = int(round(n * mix_ratio)) if top > 0 else 0
     n_reg = n - n_mix
 
@@ -289,12 +292,15 @@ def _same(z):
 
 
 def encoder_loss(encoder, decoder, robust, x, fakes, res, alpha, margin, lambda_x=LAMBDA_X_STABLE,
-                 extra_kl=False, upper_clamp=False, gather=_same):
+                 extra_kl=False, upper_clamp=False, gather=_same, invariance_k=0):
     """L_phi of Eq. 6: max(-M_gap, KL(phi(x)) - KL(phi(x_hat))) + lambda_X d_rho(x, theta(phi(x))).
 
     fakes: images x_hat (made under no_grad). The decoder's parameters should be frozen by the
     caller; the reconstruction gradient flows through it into the encoder and the robust loss.
     extra_kl: the authors' code adds KL(phi(x)) once more, outside the clamp (reference doc 2.2).
+    invariance_k: x is (x1, flip(x1)) pairs, first half and second half; add L_inv + L'_inv of
+    Eq. 10-11 with the split after block k (Sec. 3.3: added to L_phi). Their weight is lambda_X:
+    with z1 = z2 they reduce to the reconstruction term, which they generalize (paper silent).
     gather: concatenates the latents of all processes (with gradient), so that the KL, a batch
     statistic, sees the global batch. Returns the loss and a dict of detached parts for logging.
     """
@@ -305,6 +311,10 @@ def encoder_loss(encoder, decoder, robust, x, fakes, res, alpha, margin, lambda_
     recon = robust(decoder(z, res, alpha) - x)
     loss = adversarial + lambda_x * recon + (kl_real if extra_kl else 0)
     parts = dict(kl_real=kl_real, kl_fake=kl_fake, recon=recon)
+    if invariance_k:
+        h = x.shape[0] // 2
+        parts['inv'] = invariance_loss(decoder, robust, x[:h], x[h:], z[:h], z[h:], invariance_k, res, alpha)
+        loss = loss + lambda_x * parts['inv']
     return loss, {k: v.detach() for k, v in parts.items()}
 
 

@@ -461,11 +461,13 @@ def mixing(net, count, batch):
     factors follow which source. A model disentangled by scale has layout from whoever drives the
     coarse blocks and appearance from whoever drives the rest."""
     test = data.ShapesSource('test')
-    n_used = model.level(net.res, net.cfg.max_res) + 1
-    groups = [g for g, (a, _) in model.GROUPS.items() if a < n_used]
+    n_used = net.decoder.blocks_at(net.res)
     results = {}
-    for group in groups:
-        blocks = model.block_range(group, n_used)
+    for group in model.GROUPS:
+        try:
+            blocks = model.block_range(group, n_used, net.cfg.extra_8x8)
+        except ValueError:                                     # a group this resolution does not reach
+            continue
         imgs, fa, fb = [], [], []
         for start, n in batches(count, batch):
             ia, ib = list(range(start, start + n)), list(range(count + start, count + start + n))
@@ -479,11 +481,49 @@ def mixing(net, count, batch):
     return results
 
 
+@torch.no_grad()
+def invariance_score(net, count, batch, k=2):
+    """Sec. 4.3 on shapes: decode each held-out image with blocks [0, k) driven by the encoding of
+    its horizontal mirror (the paper's layers #1-2) and the rest by its own. Flip invariance holds
+    when that mirrors the layout alone: x -> 1 - x with y, size, shape, colour, background and
+    texture kept. Returns, per factor, the share of images where the swap gives the mirrored x or
+    keeps the factor, 'all' where every one holds, and the same shares for plain reconstructions
+    (against the unmirrored image) as the reference for what the estimator can read. 'pixels', which
+    needs no estimator: the mean L1 distance of the swap to the mirror's reconstruction (where pose
+    alone from the mirror should land) and to the image's own, and the share closer to the first."""
+    test = data.ShapesSource('test')
+    n_blocks, keep = net.decoder.n_blocks, ('y', 'size', 'shape', 'color', 'background', 'texture')
+    hits, to_mirror, to_own = {'swap': [], 'recon': []}, [], []
+    for start, n in batches(count, batch):
+        x = load_source_images(test, net.res, start, n, net.const_device())
+        z, z_flip = net.encode(x), net.encode(x.flip(-1))
+        swap = net.decode(model.mix_latents(z, z_flip, range(k), n_blocks), noise=False)
+        own, mirror = net.decode(z, noise=False), net.decode(z_flip, noise=False)
+        to_mirror.append((swap - mirror).abs().mean((1, 2, 3)).cpu())
+        to_own.append((swap - own).abs().mean((1, 2, 3)).cpu())
+        truth = test.factors(list(range(start, start + n)))
+        mirrored = dict(truth, x=1 - truth['x'])
+        for name, images, want in (('swap', swap, mirrored), ('recon', own, truth)):
+            hits[name].append(data.factor_errors(data.estimate_factors(images.clamp(-1, 1).cpu()), want))
+    # x is only informative where mirroring moves it by more than the tolerance
+    moves = (1 - 2 * test.factors(list(range(count)))['x']).abs() > 2 * data.FACTOR_TOLERANCE['x']
+    out = {}
+    for name, parts in hits.items():
+        ok = {f: torch.cat([p[f] for p in parts]) for f in parts[0]}
+        row = {f: float(ok[f].float().mean()) for f in keep}
+        row['x'] = float(ok['x'][moves].float().mean())
+        row['all'] = float(torch.stack([ok[f] for f in keep + ('x',)]).all(0)[moves].float().mean())
+        out[name] = row
+    a, b = torch.cat(to_mirror)[moves], torch.cat(to_own)[moves]
+    out['pixels'] = dict(l1_to_mirrored=float(a.mean()), l1_to_own=float(b.mean()), closer_to_mirrored=float((a < b).float().mean()))
+    return out
+
+
 # --------------------------------------------------------------------------------------------
 # Command line
 
 _before = set(globals())
-metric = 'fid'              # fid | fid_rec | lpips_rec | ppl | mix
+metric = 'fid'              # fid | fid_rec | lpips_rec | ppl | mix | invariance
 out_dir = 'out'             # reads out_dir/ckpt.pt, appends to out_dir/metrics.jsonl
 ckpt = ''                   # another checkpoint file ('' = out_dir/ckpt.pt), an authors' *_state.pth, or ffhq256 etc.
 dataset = ''                # the real images' data set ('' = the one the checkpoint records; needed for the authors')
@@ -491,7 +531,7 @@ data_root = ''              # ... and their folder or lmdb
 fid_count = 50000           # fid: generated samples and real images (the name says it: fid50k)
 rec_count = 10000           # fid_rec, lpips_rec: held-out images (paper: 10k unseen FFHQ images)
 ppl_count = 100000          # ppl: latent pairs (paper: 100k)
-mix_count = 1000            # mix: held-out pairs per group
+mix_count = 1000            # mix: held-out pairs per group; invariance: held-out images
 batch = 50                  # images per forward pass
 epsilon = 1e-4              # ppl: step length in latent space
 lpips_net = 'alex'          # lpips_rec backbone (authors' LPIPS used AlexNet)
@@ -565,17 +605,24 @@ def main(cfg):
             value = path_length(net, lp, count, cfg['batch'], dataset, cfg['crop'], cfg['epsilon'], cfg['seed'])
             name = f'ppl{_count_name(count)}'
         protocol = f'LPIPS v0.1 {which}, crop {cfg["crop"]}' + (f', slerp, eps {cfg["epsilon"]}, 1-99% kept' if name.startswith('ppl') else '')
-    elif name == 'mix':
+    elif name in ('mix', 'invariance'):
         if dataset != 'shapes':
-            raise SystemExit(f'error: the mix score needs the shapes data set (its factors are known); this checkpoint '
-                             f'was trained on {dataset}')
-        value = mixing(net, cfg['mix_count'], cfg['batch'])
-        name, protocol = f'mix{_count_name(cfg["mix_count"])}', "B's latents on the group's blocks, A's elsewhere; share of each factor matching A / B"
-        for group, scores in value.items():
-            print(f'{group:13s} layout follows B: ' + ' '.join(f'{k} {scores[k]["b"]:.2f}' for k in LAYOUT) +
-                  ' | appearance follows B: ' + ' '.join(f'{k} {scores[k]["b"]:.2f}' for k in APPEARANCE))
+            raise SystemExit(f'error: the {name} score needs the shapes data set (its factors are known); this '
+                             f'checkpoint was trained on {dataset}')
+        if name == 'invariance':
+            value = invariance_score(net, cfg['mix_count'], cfg['batch'])
+            name, protocol = (f'invariance{_count_name(cfg["mix_count"])}', "blocks 0-1 from the mirrored image's "
+                              'latent: share with x mirrored and each other factor kept; recon: plain reconstructions')
+            for row, scores in value.items():
+                print(f'{row:6s} ' + ' '.join(f'{k} {v:.2f}' for k, v in scores.items()))
+        else:
+            value = mixing(net, cfg['mix_count'], cfg['batch'])
+            name, protocol = f'mix{_count_name(cfg["mix_count"])}', "B's latents on the group's blocks, A's elsewhere; share of each factor matching A / B"
+            for group, scores in value.items():
+                print(f'{group:13s} layout follows B: ' + ' '.join(f'{k} {scores[k]["b"]:.2f}' for k in LAYOUT) +
+                      ' | appearance follows B: ' + ' '.join(f'{k} {scores[k]["b"]:.2f}' for k in APPEARANCE))
     else:
-        raise SystemExit(f"error: unknown --metric={name!r}; use fid (fid50k, fid5k, ...), fid_rec, lpips_rec, ppl or mix")
+        raise SystemExit(f"error: unknown --metric={name!r}; use fid (fid50k, fid5k, ...), fid_rec, lpips_rec, ppl, mix or invariance")
     record = dict(metric=name, value=value, kimg=net.kimg, res=net.res, ckpt=os.path.abspath(net.path),
                   protocol=protocol, seconds=round(time.time() - t0, 1))
     print(f'{name} = {json.dumps(value) if isinstance(value, dict) else f"{value:.4f}"}  ({net.res}x{net.res}, '

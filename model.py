@@ -40,6 +40,7 @@ class ModelConfig:
     noise: str = 'channel'      # layer noise: 'channel' (authors), 'shared' (StyleGAN) or 'none'
     adain_eps: float = 1e-8     # added to the variance in AdaIN; authors: 0
     adain_unbiased: bool = False  # std with Bessel's correction, as the authors' torch.std
+    extra_8x8: bool = False     # Sec. 4.3: a second 8x8 block after the first, for the invariance loss
 
     def __post_init__(self):
         if self.max_res < 4 or self.max_res > 1024 or self.max_res & (self.max_res - 1):
@@ -53,13 +54,21 @@ class ModelConfig:
 
     @property
     def n_blocks(self):
+        """Resolution levels 4..max_res (the encoder's blocks; the decoder has one more with extra_8x8)."""
         return int(math.log2(self.max_res)) - 1
+
+    @property
+    def block_res(self):
+        """The decoder's blocks by resolution: 4, 8, [8,] 16, ..."""
+        res = [4 * 2 ** i for i in range(self.n_blocks)]
+        return res[:2] + [8] + res[2:] if self.extra_8x8 and self.max_res >= 8 else res
 
 
 # Where the authors' code differs from the paper: ModelConfig(**AUTHORS, ...) rebuilds their nets.
 AUTHORS = dict(residual=False, encoder_blur=False, block0_convs=1, adain_eps=0.0, adain_unbiased=True)
 
-# The paper's groups at block granularity (Sec. 4.2): coarse 4-8, intermediate 16-32, fine 64+.
+# The paper's groups at block granularity (Sec. 4.2): coarse 4-8, intermediate 16-32, fine 64+
+# (with extra_8x8 every group from 8x8 on holds one block more: block_range(..., extra_8x8=True)).
 GROUPS = {'coarse': (0, 2), 'intermediate': (2, 4), 'fine': (4, None)}
 
 
@@ -160,13 +169,14 @@ class ModLayer(nn.Module):
 class DecoderBlock(nn.Module):
     """Level i: [2x nearest upsampling] and two modulated layers, both driven by the same latent."""
 
-    def __init__(self, cin, cout, cfg, first):
+    def __init__(self, cin, cout, cfg, first, up=True):
         super().__init__()
-        self.up = not first
+        self.up = up and not first                               # the extra 8x8 block keeps the size
         n_convs = cfg.block0_convs if first else 2
-        # blur after the upsampling conv only; no noise at 4x4 (both as the authors; paper silent)
-        self.layers = nn.ModuleList([ModLayer(cin if k == 0 else cout, cout, cfg, blur=self.up and k == 0,
-                                              noise=self.up) for k in range(n_convs)])
+        # blur after the first conv of every block but the 4x4 one; no noise at 4x4 (both as the
+        # authors, whose extra 8x8 block keeps its blur; paper silent)
+        self.layers = nn.ModuleList([ModLayer(cin if k == 0 else cout, cout, cfg, blur=not first and k == 0,
+                                              noise=not first) for k in range(n_convs)])
         # residual form of StyleGAN2: (main + skip) / sqrt(2), on levels that change resolution
         self.skip = None
         if cfg.residual and self.up:
@@ -227,13 +237,20 @@ class Decoder(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.n_blocks = cfg.n_blocks
-        ch = [_width(WIDTHS[cfg.arch], 4 * 2 ** i, cfg.width) for i in range(self.n_blocks)]
+        self.block_res = cfg.block_res
+        self.n_blocks = len(self.block_res)
+        ch = [_width(WIDTHS[cfg.arch], r, cfg.width) for r in self.block_res]
         # xi_0: a fixed all-ones canvas (paper: "constant input"; authors: ones, not learned)
         self.register_buffer('const', torch.ones(1, ch[0], 4, 4), persistent=False)
-        self.blocks = nn.ModuleList(
-            [DecoderBlock(ch[max(i - 1, 0)], ch[i], cfg, first=i == 0) for i in range(self.n_blocks)])
-        self.to_rgb = nn.ModuleList([nn.Conv2d(c, 3, 1) for c in ch])   # no output nonlinearity
+        self.blocks = nn.ModuleList([DecoderBlock(ch[max(i - 1, 0)], ch[i], cfg, first=i == 0,
+                                                  up=i == 0 or self.block_res[i] > self.block_res[i - 1])
+                                     for i in range(self.n_blocks)])
+        # one toRGB per resolution, on the last block of that resolution; no output nonlinearity
+        self.to_rgb = nn.ModuleList([nn.Conv2d(ch[self.last_block(n)], 3, 1) for n in range(cfg.n_blocks)])
+
+    def last_block(self, n):
+        """Index of the last block at resolution level n (4 * 2**n)."""
+        return n + (1 if self.cfg.extra_8x8 and n >= 1 else 0)
 
     def latents(self, z):
         """(B, nz) or (B, n_blocks, nz) -> (B, n_blocks, nz), checking the shape."""
@@ -246,7 +263,7 @@ class Decoder(nn.Module):
                          f'got {tuple(z.shape)}')
 
     def canvas(self, z, j, noise=True):
-        """xi_j: the output of blocks [0, j) (Eq. 5's theta_{1:j}(xi_0, z)), at res 4 * 2**(j-1)."""
+        """xi_j: the output of blocks [0, j) (Eq. 5's theta_{1:j}(xi_0, z)), at block_res[j - 1]."""
         if not 1 <= j <= self.n_blocks:
             raise ValueError(f'canvas index j must be in 1..{self.n_blocks}, got {j}')
         zs = self.latents(z)
@@ -261,32 +278,41 @@ class Decoder(nn.Module):
         While alpha < 1 the new level fades in: (1 - alpha) * up2(toRGB_{n-1}) + alpha * toRGB_n.
         """
         n = level(res, self.cfg.max_res)
+        last, last_before = self.last_block(n), self.last_block(n - 1) if n > 0 else -1
         zs = self.latents(z)
         if canvas is None:
             if start != 0:
                 raise ValueError(f'start={start} needs the canvas xi_{start}')
             x = self.const.expand(zs.shape[0], -1, -1, -1)
         else:
-            if not 1 <= start <= n:
-                raise ValueError(f'start must be in 1..{n} at {res}x{res}, got {start}')
-            want = (zs.shape[0], self.blocks[start - 1].layers[-1].adain.style.out_features // 2,
-                    2 ** (start + 1), 2 ** (start + 1))
+            if not 1 <= start <= last:
+                raise ValueError(f'start must be in 1..{last} at {res}x{res}, got {start}')
+            r = self.block_res[start - 1]
+            want = (zs.shape[0], self.blocks[start - 1].layers[-1].adain.style.out_features // 2, r, r)
             if tuple(canvas.shape) != want:
                 raise ValueError(f'canvas xi_{start} must be {want}, got {tuple(canvas.shape)}')
+            if alpha < 1 and start > last_before + 1:
+                raise ValueError(f'fading in at {res}x{res} needs the canvas of block {last_before} or earlier')
             x = canvas
-        prev = x
-        for i in range(start, n + 1):
-            prev, x = x, self.blocks[i](x, zs[:, i], noise)
+        prev = x                                              # the previous resolution's last features
+        for i in range(start, last + 1):
+            x = self.blocks[i](x, zs[:, i], noise)
+            if i == last_before:
+                prev = x
         img = self.to_rgb[n](x)
         if alpha < 1 and n > 0:
             old = F.interpolate(self.to_rgb[n - 1](prev), scale_factor=2, mode='nearest')
             img = torch.lerp(old, img, alpha)
         return img
 
+    def blocks_at(self, res):
+        """How many blocks a decode at res runs."""
+        return self.last_block(level(res, self.cfg.max_res)) + 1
+
     def used_parameters(self, res):
         """The parameters that a decode at res (alpha = 1) uses: blocks 0..n and toRGB_n."""
         n = level(res, self.cfg.max_res)
-        return [p for b in self.blocks[:n + 1] for p in b.parameters()] + list(self.to_rgb[n].parameters())
+        return [p for b in self.blocks[:self.last_block(n) + 1] for p in b.parameters()] + list(self.to_rgb[n].parameters())
 
 
 class Encoder(nn.Module):
@@ -331,10 +357,13 @@ def sample_prior(n, nz=512, device=None, generator=None):
     return F.normalize(torch.randn(n, nz, device=device, generator=generator), dim=1)
 
 
-def block_range(spec, n_blocks):
-    """'coarse' | 'intermediate' | 'fine' | 'a:b' (block indices, b may be empty) -> range of blocks."""
+def block_range(spec, n_blocks, extra_8x8=False):
+    """'coarse' | 'intermediate' | 'fine' | 'a:b' (block indices, b may be empty) -> range of blocks.
+    extra_8x8: the decoder has a second 8x8 block (index 2), so groups from 8x8 on hold one more."""
     if spec in GROUPS:                  # a group cut short by the model's resolution keeps what exists
         a, b = GROUPS[spec]
+        if extra_8x8:
+            a, b = a + (a >= 2), None if b is None else b + 1
         b = n_blocks if b is None else min(b, n_blocks)
     else:
         try:
@@ -351,10 +380,10 @@ def block_range(spec, n_blocks):
     return range(a, b)
 
 
-def mix_latents(z_a, z_b, blocks, n_blocks):
+def mix_latents(z_a, z_b, blocks, n_blocks, extra_8x8=False):
     """Per-block latents (B, n_blocks, nz): z_b on `blocks` (a range or a spec), z_a elsewhere."""
     if isinstance(blocks, str):
-        blocks = block_range(blocks, n_blocks)
+        blocks = block_range(blocks, n_blocks, extra_8x8)
     if z_a.shape != z_b.shape or z_a.dim() != 2:
         raise ValueError(f'z_a and z_b must both be (B, nz), got {tuple(z_a.shape)} and {tuple(z_b.shape)}')
     use_b = torch.zeros(n_blocks, dtype=torch.bool, device=z_a.device)
@@ -396,7 +425,7 @@ class Automodulator(nn.Module):
 
     def mix(self, z_a, z_b, blocks, noise=True):
         """Decode z_a with z_b on `blocks` ('coarse', 'intermediate', 'fine' or 'a:b')."""
-        return self.decode(mix_latents(z_a, z_b, blocks, self.decoder.n_blocks), noise=noise)
+        return self.decode(mix_latents(z_a, z_b, blocks, self.decoder.n_blocks, self.cfg.extra_8x8), noise=noise)
 
     def const_device(self):
         return self.decoder.const.device

@@ -82,12 +82,12 @@ def test_images(config, res, count):
 
 def used_blocks(net):
     """Blocks that a decode at the checkpoint's resolution runs."""
-    return model.level(net.res, net.cfg.max_res) + 1
+    return net.decoder.blocks_at(net.res)
 
 
 def blocks_of(net, spec):
     """A group name or a:b range -> range of blocks, checked against what this checkpoint uses."""
-    return model.block_range(spec, used_blocks(net))
+    return model.block_range(spec, used_blocks(net), net.cfg.extra_8x8)
 
 
 @torch.no_grad()

@@ -41,7 +41,7 @@ def z_of(m, b=3, seed=1):
 # ---------------------------------------------------------------------------------------------
 # model.py
 
-@pytest.mark.parametrize('variant', [{}, M.AUTHORS, dict(noise='shared'), dict(noise='none')])
+@pytest.mark.parametrize('variant', [{}, M.AUTHORS, dict(noise='shared'), dict(noise='none'), dict(extra_8x8=True)])
 def test_shapes_at_every_phase_and_unit_norm(variant):
     m = tiny(**variant)
     z = z_of(m)
@@ -140,10 +140,11 @@ def test_spectral_norm_weights_have_unit_largest_singular_value():
         assert abs(sigma.item() - 1) < 0.01, sigma
 
 
-def test_used_parameters_are_exactly_those_with_gradients():
-    m = tiny()
+@pytest.mark.parametrize('extra_8x8', [False, True])
+def test_used_parameters_are_exactly_those_with_gradients(extra_8x8):
+    m = tiny(extra_8x8=extra_8x8)
     z = z_of(m)
-    for res in (4, 16):
+    for res in (4, 8, 16):
         m.zero_grad(set_to_none=True)
         m.encoder(m.decoder(z, res), res).sum().backward()
         with_grad = {id(p) for p in m.parameters() if p.grad is not None}
@@ -610,6 +611,36 @@ def test_invariance_loss_generalizes_reconstruction():
     assert torch.isfinite(pair) and m.encoder.from_rgb[2].weight.grad.abs().sum() > 0
 
 
+def test_extra_8x8_block_for_the_invariance_split():
+    m = tiny(extra_8x8=True, noise='none')
+    d = m.decoder
+    assert d.block_res == [4, 8, 8, 16, 32, 64] and d.n_blocks == 6 and len(d.to_rgb) == 5
+    assert not d.blocks[2].up and d.blocks[2].layers[0].blur is not None     # keeps the size, as the authors'
+    z, z2 = z_of(m), z_of(m, seed=2)
+    assert d.canvas(z, 2).shape[-1] == d.canvas(z, 3).shape[-1] == 8 and d.canvas(z, 4).shape[-1] == 16
+    assert [d.blocks_at(r) for r in (4, 8, 16)] == [1, 3, 4]
+    # the split after block 1 (paper's layers #1-2), continued at 8x8 and at 16x16 mid-fade
+    for res, alpha in ((8, 1.0), (16, 0.5)):
+        want = d(M.mix_latents(z, z2, range(2), d.n_blocks), res, alpha, noise=False)
+        assert torch.allclose(d(z, res, alpha, noise=False, canvas=d.canvas(z2, 2, noise=False), start=2), want, atol=1e-6)
+    # the groups hold the extra block: coarse 4-8 is blocks 0-2, intermediate 16-32 is 3-4
+    assert M.block_range('coarse', 6, True) == range(0, 3) and M.block_range('intermediate', 6, True) == range(3, 5)
+    with pytest.raises(ValueError, match='fading in at 8x8 needs the canvas of block 0'):
+        d(z, 8, 0.5, canvas=d.canvas(z, 2), start=2)
+    # L_inv + L'_inv join L_phi on flip pairs, with gradients in the encoder (eval: SN u stays put)
+    m.eval()
+    robust = L.AdaptiveRobustLoss(max_res=64, res=16)
+    x = D.prepare_batch(D.ShapesSource('train').load_batch(list(range(4)), 16), pairs=True, flip=False)
+    fakes = d(M.sample_prior(4, 32), 16, noise=False).detach()
+    base, _ = L.encoder_loss(m.encoder, d, robust, x, fakes, 16, 1.0, 0.5)
+    loss, parts = L.encoder_loss(m.encoder, d, robust, x, fakes, 16, 1.0, 0.5, invariance_k=2)
+    z = m.encoder(x, 16)
+    inv = L.invariance_loss(d, robust, x[:2], x[2:], z[:2], z[2:], 2, 16, 1.0)
+    assert torch.allclose(parts['inv'], inv) and torch.allclose(loss, base + L.LAMBDA_X_STABLE * inv)
+    loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in m.encoder.used_parameters(16))
+
+
 def test_loss_bad_input():
     with pytest.raises(ValueError, match='scale c must be positive'):
         L.rho(torch.ones(3), 1.0, torch.tensor([1.0, 0.0, 1.0]))
@@ -847,6 +878,24 @@ def test_train_fast_path_bf16_channels_last(tmp_path):
     log = _log(tmp_path)
     assert ck['step'] == 6 and all(math.isfinite(r['E']) and math.isfinite(r['D']) for r in log)
     assert all(v.dtype == torch.float32 for v in ck['decoder'].values() if v.is_floating_point())
+
+
+def test_train_invariance_flip_trains_resumes_and_samples(tmp_path):
+    import sample as S
+    over = dict(invariance='flip', max_res=8, phase_kimg={4: 0.2, 8: 2.0}, fade=0.05, batch_size={4: 16, 8: 16},
+                sample_every=2.2, log_every=0.2)
+    ck = run_train(tmp_path, **over, total_kimg=1.6)
+    assert ck['config']['invariance'] == 'flip' and ck['model_config']['extra_8x8'] and ck['model_config']['noise'] == 'none'
+    log = _log(tmp_path)
+    inv = [r['inv'] for r in log if r['res'] == 8 and r['alpha'] >= 1 and 'inv' in r]
+    assert len(inv) >= 5 and all(math.isfinite(v) for v in inv)
+    assert not any('inv' in r for r in log if r['res'] == 4)                 # off before the split exists
+    assert np.mean(inv[-2:]) < np.mean(inv[:2]) - 0.05, inv                   # it drops over the run
+    ck2 = run_train(tmp_path, **over, total_kimg=2.2, init_from='resume')
+    assert ck2['kimg'] > ck['kimg'] and ck2['model_config']['extra_8x8']
+    cfg = {k: getattr(S, k) for k in S.CONFIG_KEYS}
+    path = S.main({**cfg, 'out_dir': str(tmp_path), 'mode': 'invariance', 'n': 2})
+    assert _png(path).shape == (3, 3 * 66 + 2, 3 * 66 + 2)
 
 
 def test_train_presets_resolve(capsys):

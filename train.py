@@ -45,6 +45,7 @@ noise = 'channel'           # layer noise: channel | shared | none
 authors = False             # the authors' architecture and loss choices (README tables)
 extra_kl = False            # authors: add KL(E(x)) to L_phi outside the margin clamp (on with authors=True)
 upper_clamp = False         # authors: clamp KL_real - KL_fake also from above at M/2 (on with authors=True)
+invariance = ''             # 'flip': Sec. 3.3/4.3, flip pairs drive pose through blocks 0-1 alone (extra 8x8 block, no noise)
 # schedule, per resolution; kimg = thousands of images seen
 phase_kimg = {4: 2400, 8: 2400, 16: 2400, 32: 2400, 64: 10400, 128: 10600, 256: 16000, 512: 16000}
 fade = 0.5                  # share of each phase over which the new level fades in
@@ -110,6 +111,17 @@ if __name__ == '__main__':
 # --------------------------------------------------------------------------------------------
 # Pieces the loop uses (importable, so tests and forks can reuse them)
 
+# invariance='flip': L_inv splits after the paper's layers #1-2 (Eq. 10-11), our blocks 0-1
+INVARIANCE_K = 2
+
+
+def invariance_on(cfg, res, alpha):
+    """Flip pairs (half of each batch mirrors the other half, Sec. 4.3) and L_inv, once the split
+    after block 1 has blocks after it that run without the fade-in: from the end of the 8x8 fade on
+    (the authors also insert their extra 8x8 block after that fade)."""
+    return cfg['invariance'] == 'flip' and (res > 8 or res == 8 and alpha >= 1)
+
+
 def phase_table(max_res, phase_kimg, total_kimg=0.0):
     """[(res, start_kimg, length_kimg)] for 4..max_res, and the kimg where training ends."""
     rows, start = [], 0.0
@@ -174,10 +186,11 @@ def sample_grid(ema, encoder, reals, z, res, alpha):
     encoder.eval()
     z_real = encoder(reals, res, alpha)
     left = z_real.roll(1, 0)
-    n = ema.n_blocks
+    n, extra = ema.n_blocks, ema.cfg.extra_8x8
+    coarse = model.block_range('coarse', n, extra)
     rows = [reals, ema(z_real, res, alpha, noise=False),
-            ema(model.mix_latents(z_real, left, 'coarse', n), res, alpha, noise=False),
-            ema(model.mix_latents(z_real, left, range(2, n), n), res, alpha, noise=False),
+            ema(model.mix_latents(z_real, left, coarse, n), res, alpha, noise=False),
+            ema(model.mix_latents(z_real, left, range(coarse.stop, n), n), res, alpha, noise=False),
             ema(z, res, alpha, noise=False)]
     encoder.train(was)
     return torch.cat(rows).clamp(-1, 1).add(1).div(2)
@@ -192,8 +205,9 @@ def memory_text(dev):
 
 def model_config_from(cfg):
     extra = model.AUTHORS if cfg['authors'] else {}
+    flip = cfg['invariance'] == 'flip'                       # Sec. 4.3: an extra 8x8 block; noise off (authors)
     return model.ModelConfig(max_res=cfg['max_res'], nz=cfg['nz'], arch=cfg['arch'], width=cfg['width'],
-                             noise=cfg['noise'], **extra)
+                             noise='none' if flip else cfg['noise'], extra_8x8=flip, **extra)
 
 
 # --------------------------------------------------------------------------------------------
@@ -205,6 +219,8 @@ def main(cfg):
         missing = [r for r, _, _ in table if r not in cfg[key]]
         if missing:
             raise SystemExit(f'error: --{key} has no entry for resolutions {missing}')
+    if cfg['invariance'] not in ('', 'flip'):
+        raise SystemExit(f"error: --invariance must be '' (off) or 'flip', got {cfg['invariance']!r}")
     rank, world, local = (int(os.environ.get(k, d)) for k, d in (('RANK', 0), ('WORLD_SIZE', 1), ('LOCAL_RANK', 0)))
     master = rank == 0
     dev_name = cfg['device']
@@ -335,8 +351,8 @@ def main(cfg):
     def fade_reals(res):                                 # the fixed real images at the current resolution
         return torch.nn.functional.adaptive_avg_pool2d(fixed_reals.float() / 127.5 - 1, res)
 
-    cur_res, loader, last_log, t_log, n_log = None, None, samples, time.time(), 0
-    sums = {}
+    cur_res, loader, last_log, t_log = None, None, samples, time.time()
+    sums, counts = {}, {}             # per term: a term can be absent from some steps (inv before 8x8)
     t_start, kimg_start = time.time(), samples / 1000
     while samples / 1000 < end_kimg and stop['signal'] is None:
         kimg = samples / 1000
@@ -356,7 +372,7 @@ def main(cfg):
             cur_res = res
         m = cfg['margin'][res]
         lambda_x = cfg['lambda_x_fade'] if fading else cfg['lambda_x_stable']
-        x = data.prepare_batch(next(loader), alpha, dev, gen, rank=rank, world=world)
+        x = data.prepare_batch(next(loader), alpha, dev, gen, pairs=invariance_on(cfg, res, alpha), rank=rank, world=world)
         if cfg['channels_last']:
             x = x.contiguous(memory_format=torch.channels_last)
 
@@ -364,20 +380,21 @@ def main(cfg):
                                  cfg, m, lambda_x, gen, step, kimg, autocast, rank, world)
         samples += batch * world
         step += 1
-        n_log += 1
         for k, v in parts.items():
             sums[k] = sums.get(k, 0.0) + v.float()
+            counts[k] = counts.get(k, 0) + 1
         kimg = samples / 1000
         done = kimg >= end_kimg or stop['signal'] is not None
         if kimg - last_log / 1000 >= cfg['log_every'] or done:
-            means = {k: v.item() / n_log for k, v in all_mean(sums).items()}
+            means = {k: v.item() / counts[k] for k, v in all_mean(sums).items()}
             dt = time.time() - t_log
             rate = (samples - last_log) / dt
             eta_phase = (table[p][1] + table[p][2] - kimg) * 1000 / rate
             eta_run = remaining_seconds(table, end_kimg, kimg, res, rate)
             say(f'kimg {kimg:8.1f} | {res}px a={alpha:.2f} | E {means["E"]:.3f} D {means["D"]:.3f} '
                 f'kl_r {means["kl_real"]:.3f} kl_f {means["kl_fake"]:.3f} rec {means["recon"]:.3f} '
-                f'kl_d {means["kl_dec"]:.3f} dcos {means["dcos"]:.4f} Lj {means["layer"]:.4f} | {rate:.0f} img/s {1000 / rate:.1f} s/kimg | '
+                f'kl_d {means["kl_dec"]:.3f} dcos {means["dcos"]:.4f} Lj {means["layer"]:.4f} '
+                + (f'inv {means["inv"]:.3f} ' if 'inv' in means else '') + f'| {rate:.0f} img/s {1000 / rate:.1f} s/kimg | '
                 f'eta phase {eta_phase / 60:.1f}m run ~{eta_run / 60:.0f}m | {memory_text(dev)}')
             if master:
                 record = dict(kimg=kimg, step=step, res=res, alpha=alpha, **means, img_per_s=rate, time=time.time() - t_start)
@@ -386,7 +403,7 @@ def main(cfg):
                 if cfg['wandb_log']:
                     import wandb
                     wandb.log(record, step=step)
-            sums, n_log, last_log, t_log = {}, 0, samples, time.time()
+            sums, counts, last_log, t_log = {}, {}, samples, time.time()
         if crossed(kimg, batch * world, cfg['sample_every']) and not done:
             write_grid(res, alpha)
         if crossed(kimg, batch * world, cfg['ckpt_every']) or done:
@@ -416,7 +433,8 @@ def train_step(encoder, decoder, ema, robust, opt_enc, opt_dec, scalers, x, res,
     with autocast:
         e_loss, e_parts = losses.encoder_loss(encoder, decoder, robust, x, fakes.float(), res, alpha, margin, lambda_x,
                                               extra_kl=cfg['extra_kl'] or cfg['authors'],
-                                              upper_clamp=cfg['upper_clamp'] or cfg['authors'], gather=gather)
+                                              upper_clamp=cfg['upper_clamp'] or cfg['authors'], gather=gather,
+                                              invariance_k=INVARIANCE_K if invariance_on(cfg, res, alpha) else 0)
     check_finite(e_loss, e_parts, 'encoder', kimg)
     opt_enc.zero_grad(set_to_none=True)
     scalers[0].scale(e_loss).backward()
