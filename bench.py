@@ -81,12 +81,15 @@ def cpu_name():
 def peak_flops(dev, dt, n=2048, reps=5):
     """This device's matmul FLOP/s in dtype dt: the denominator of the utilisation. A dtype the
     hardware lacks (bfloat16 on a CPU without AVX-512 BF16 or AMX) is emulated and ~100x slower:
-    the matrix then shrinks until one product takes under a second, not minutes."""
-    while True:
-        a, b = torch.randn(n, n, device=dev, dtype=dt), torch.randn(n, n, device=dev, dtype=dt)
-        if n <= 256 or timed(lambda: a @ b, dev, 0, 1) < 1.0:
-            return 2 * n ** 3 / timed(lambda: a @ b, dev, 2, reps)
-        n //= 2
+    the size doubles from 256 up to n only while one product stays under 0.1 s."""
+    size = 256
+    while size < n:
+        a = torch.randn(size, size, device=dev, dtype=dt)
+        if timed(lambda: a @ a, dev, 1, 1) > 0.1:
+            break
+        size *= 2
+    a, b = torch.randn(size, size, device=dev, dtype=dt), torch.randn(size, size, device=dev, dtype=dt)
+    return 2 * size ** 3 / timed(lambda: a @ b, dev, 2, reps)
 
 
 def build(cfg, dev, max_res):
