@@ -13,7 +13,8 @@ Reads out_dir/ckpt.pt (or --ckpt), decodes with the EMA decoder at the resolutio
 reached, and writes one PNG grid into out_dir (its path is printed). Real inputs default to the
 held-out test split of the data set the checkpoint was trained on; --inputs takes a folder or
 comma-separated files, center-cropped and resized as in training (for the authors' released models,
-their own resize -> centre crop -> resize). Face models expect aligned faces, as FFHQ and CelebA-HQ are. The functions are importable: encode / mix / decode without the CLI.
+their own resize -> centre crop -> resize). Face models expect aligned faces, as FFHQ and CelebA-HQ
+are. The functions are importable: encode / mix / decode without the CLI.
 """
 import os
 import warnings

@@ -1119,6 +1119,10 @@ def test_metrics_on_a_tiny_checkpoint(tiny_ckpt, tmp_path):
     assert math.isfinite(records[-2]['value']) and set(records[-1]['value']) == {'coarse', 'intermediate'}
     r = _cli('metrics.py', '--metric=fid_rec', f'--out_dir={tiny_ckpt}', '--inception=/nonexistent.pth')
     assert r.returncode != 0 and 'pt_inception-2015-12-05-6726825d.pth' in r.stderr
+    inv = MT.invariance_score(net, count=24, batch=12)
+    assert set(inv) == {'swap', 'recon', 'pixels'} and all(0 <= v <= 1 for row in ('swap', 'recon') for v in inv[row].values())
+    same = MT.invariance_score(net, count=24, batch=12, k=0)                  # no blocks swapped: the own decode
+    assert same['pixels']['l1_to_own'] == 0 and same['pixels']['closer_to_mirrored'] == 0 and same['swap']['y'] == same['recon']['y']
 
 
 # ---------------------------------------------------------------------------------------------
