@@ -80,9 +80,9 @@ CONFIG_KEYS = sorted(set(globals()) - _before - {'_before'})
 # defaults above unless the same key is given on the command line.
 _PAPER = {4: 2400, 8: 2400, 16: 2400, 32: 2400, 64: 10400}
 PRESETS = {
-    # shapes: CPU-sized, 15 minutes on 2 cores (README). Three choices differ from the paper, each
-    # measured on short runs (README): a 32-d latent for a handful of factors, the authors' extra
-    # KL(E(x)) term (with the paper's Eq. 6 alone the clamped margin stops spreading the real
+    # shapes: CPU-sized, 15 minutes on 2 Intel cores with AVX-512, 29 on 2 AVX2 EPYC cores (README).
+    # Three choices differ from the paper, each measured on short runs (README): a 32-d latent for a
+    # handful of factors, the authors' extra KL(E(x)) term (with the paper's Eq. 6 alone the clamped margin stops spreading the real
     # encodings, which stay collapsed at init), and margin 0.5 from the start; EMA 0.99 for a short run.
     'shapes': dict(max_res=32, width=1 / 16, nz=32, extra_kl=True, ema_decay=0.99,
                    phase_kimg={4: 30, 8: 60, 16: 90, 32: 40}, fade=0.5,
