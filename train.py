@@ -82,8 +82,9 @@ _PAPER = {4: 2400, 8: 2400, 16: 2400, 32: 2400, 64: 10400}
 PRESETS = {
     # shapes: CPU-sized, 15 minutes on 2 Intel cores with AVX-512, 29 on 2 AVX2 EPYC cores (README).
     # Three choices differ from the paper, each measured on short runs (README): a 32-d latent for a
-    # handful of factors, the authors' extra KL(E(x)) term (with the paper's Eq. 6 alone the clamped margin stops spreading the real
-    # encodings, which stay collapsed at init), and margin 0.5 from the start; EMA 0.99 for a short run.
+    # handful of factors, the authors' extra KL(E(x)) term (with the paper's Eq. 6 alone the clamped
+    # margin stops spreading the real encodings, which stay collapsed at init), and margin 0.5 from
+    # the start; EMA 0.99 for a short run.
     'shapes': dict(max_res=32, width=1 / 16, nz=32, extra_kl=True, ema_decay=0.99,
                    phase_kimg={4: 30, 8: 60, 16: 90, 32: 40}, fade=0.5,
                    batch_size={4: 32, 8: 32, 16: 32, 32: 32}, lr={r: 0.001 for r in (4, 8, 16, 32)},
