@@ -171,7 +171,7 @@ class DecoderBlock(nn.Module):
 
     def __init__(self, cin, cout, cfg, first, up=True):
         super().__init__()
-        self.up = up and not first                               # the extra 8x8 block keeps the size
+        self.up = up and not first                               # False for the extra 8x8 block
         n_convs = cfg.block0_convs if first else 2
         # blur after the first conv of every block but the 4x4 one; no noise at 4x4 (both as the
         # authors, whose extra 8x8 block keeps its blur; paper silent)
@@ -243,7 +243,7 @@ class Decoder(nn.Module):
         # xi_0: a fixed all-ones canvas (paper: "constant input"; authors: ones, not learned)
         self.register_buffer('const', torch.ones(1, ch[0], 4, 4), persistent=False)
         self.blocks = nn.ModuleList([DecoderBlock(ch[max(i - 1, 0)], ch[i], cfg, first=i == 0,
-                                                  up=i == 0 or self.block_res[i] > self.block_res[i - 1])
+                                                  up=i > 0 and self.block_res[i] > self.block_res[i - 1])
                                      for i in range(self.n_blocks)])
         # one toRGB per resolution, on the last block of that resolution; no output nonlinearity
         self.to_rgb = nn.ModuleList([nn.Conv2d(ch[self.last_block(n)], 3, 1) for n in range(cfg.n_blocks)])
@@ -469,7 +469,8 @@ def load_checkpoint(path, ema=True, device='cpu'):
     if isinstance(ck, dict) and 'G_running_state_dict' in ck:
         model = from_authors(ck, ema=ema, name=os.path.basename(path))
         model.kimg = ck.get('iteration', 0) / 1000
-        model.config = {'dataset': r[4] for r in RELEASED.values() if r[0] == os.path.basename(path)}
+        release = [r for r in RELEASED.values() if r[0] == os.path.basename(path)]
+        model.config = {'dataset': release[0][4]} if release else {}
     else:
         missing = [k for k in ('model_config', 'res', 'encoder', 'decoder') if not isinstance(ck, dict) or k not in ck]
         if missing:
