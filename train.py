@@ -355,7 +355,7 @@ def main(cfg):
     cur_res, loader, last_log, t_log = None, None, samples, time.time()
     sums, counts = {}, {}             # per term: a term can be absent from some steps (inv before 8x8)
     t_start, kimg_start = time.time(), samples / 1000
-    while samples / 1000 < end_kimg and stop['signal'] is None:
+    while samples / 1000 < end_kimg:
         kimg = samples / 1000
         p, res, alpha, fading = schedule(kimg, table, cfg['fade'])
         if res != cur_res:                               # phase change: grow data, robust loss, lr
@@ -385,7 +385,13 @@ def main(cfg):
             sums[k] = sums.get(k, 0.0) + v.float()
             counts[k] = counts.get(k, 0) + 1
         kimg = samples / 1000
-        done = kimg >= end_kimg or stop['signal'] is not None
+        stopping = stop['signal'] is not None
+        if world > 1:                   # every rank must stop at the same step (the save is a collective)
+            flag = torch.tensor([float(stopping)], device=dev)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            stopping = flag.item() > 0
+            stop['signal'] = stop['signal'] or ('a signal on another rank' if stopping else None)
+        done = kimg >= end_kimg or stopping
         if kimg - last_log / 1000 >= cfg['log_every'] or done:
             means = {k: v.item() / counts[k] for k, v in all_mean(sums).items()}
             dt = time.time() - t_log
@@ -409,6 +415,8 @@ def main(cfg):
             write_grid(res, alpha)
         if crossed(kimg, batch * world, cfg['ckpt_every']) or done:
             save(res, alpha)
+        if done:        # checked after the save: a signal that lands between steps still gets one
+            break
 
     kimg = samples / 1000
     p, res, alpha, _ = schedule(min(kimg, end_kimg - 1e-9), table, cfg['fade'])
