@@ -482,7 +482,7 @@ def mixing(net, count, batch):
 
 
 @torch.no_grad()
-def invariance_score(net, count, batch, k=2):
+def invariance_score(net, count, batch, k=model.INVARIANCE_K):
     """Sec. 4.3 on shapes: decode each held-out image with blocks [0, k) driven by the encoding of
     its horizontal mirror (the paper's layers #1-2) and the rest by its own. Flip invariance holds
     when that mirrors the layout alone: x -> 1 - x with y, size, shape, colour, background and

@@ -71,6 +71,9 @@ AUTHORS = dict(residual=False, encoder_blur=False, block0_convs=1, adain_eps=0.0
 # (with extra_8x8 every group from 8x8 on holds one block more: block_range(..., extra_8x8=True)).
 GROUPS = {'coarse': (0, 2), 'intermediate': (2, 4), 'fine': (4, None)}
 
+# Sec. 4.3: flip invariance drives pose through the paper's layers #1-2, our blocks [0, INVARIANCE_K)
+INVARIANCE_K = 2
+
 
 def level(res, max_res):
     """Resolution -> block index, with a ValueError for anything that is not a valid phase."""

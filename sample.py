@@ -187,7 +187,7 @@ def main(cfg):
         x = x.to(dev)
     try:
         if cfg['mode'] in ('mix', 'invariance'):
-            spec = cfg['mix'] if cfg['mode'] == 'mix' else '0:2'
+            spec = cfg['mix'] if cfg['mode'] == 'mix' else f'0:{model.INVARIANCE_K}'
             blocks = blocks_of(net, spec)
             if cfg['inputs_b']:
                 a, b = x[:k], read_images(cfg['inputs_b'], res, net.input_crop)[0][:k].to(dev)

@@ -112,10 +112,6 @@ if __name__ == '__main__':
 # --------------------------------------------------------------------------------------------
 # Pieces the loop uses (importable, so tests and forks can reuse them)
 
-# invariance='flip': L_inv splits after the paper's layers #1-2 (Eq. 10-11), our blocks 0-1
-INVARIANCE_K = 2
-
-
 def invariance_on(cfg, res, alpha):
     """Flip pairs (half of each batch mirrors the other half, Sec. 4.3) and L_inv, once the split
     after block 1 has blocks after it that run without the fade-in: from the end of the 8x8 fade on
@@ -443,7 +439,7 @@ def train_step(encoder, decoder, ema, robust, opt_enc, opt_dec, scalers, x, res,
         e_loss, e_parts = losses.encoder_loss(encoder, decoder, robust, x, fakes.float(), res, alpha, margin, lambda_x,
                                               extra_kl=cfg['extra_kl'] or cfg['authors'],
                                               upper_clamp=cfg['upper_clamp'] or cfg['authors'], gather=gather,
-                                              invariance_k=INVARIANCE_K if invariance_on(cfg, res, alpha) else 0)
+                                              invariance_k=model.INVARIANCE_K if invariance_on(cfg, res, alpha) else 0)
     check_finite(e_loss, e_parts, 'encoder', kimg)
     opt_enc.zero_grad(set_to_none=True)
     scalers[0].scale(e_loss).backward()
