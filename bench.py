@@ -113,7 +113,7 @@ def bench_train(cfg, dev, autocast, report):
     opt_dec = torch.optim.Adam(net.decoder.parameters(), **adam)
     scalers = [torch.amp.GradScaler(dev.type, enabled=cfg['dtype'] == 'float16') for _ in range(2)]
     tcfg = dict(mix_ratio=0.25, extra_kl=False, upper_clamp=False, invariance='', authors=cfg['authors'], lambda_z=2.0,
-                lambda_j=10.0, ema_decay=0.999)
+                lambda_j=10.0, lambda_x_dec=0.0, ema_decay=0.999)
     x = torch.rand(cfg['batch'], 3, r, r, device=dev) * 2 - 1
     if cfg['channels_last']:
         x = x.contiguous(memory_format=torch.channels_last)

@@ -319,11 +319,16 @@ def encoder_loss(encoder, decoder, robust, x, fakes, res, alpha, margin, lambda_
 
 
 def decoder_loss(encoder, decoder, n, res, alpha, mix_ratio=MIX_RATIO, lambda_z=LAMBDA_Z,
-                 lambda_j=LAMBDA_J, generator=None, noise=True, rank=0, world=1, gather=_same):
+                 lambda_j=LAMBDA_J, generator=None, noise=True, rank=0, world=1, gather=_same,
+                 x=None, robust=None, lambda_x=0.0):
     """L_theta of Eq. 6: KL(phi(x_hat)) + lambda_Z d_cos(z, phi(theta(z))) + lambda_j L_j.
 
     The KL covers the whole batch; d_cos the regular samples; L_j the mixed ones (second pass,
     Fig. 3c). The encoder's parameters should be frozen by the caller; gradients flow through it.
+    lambda_x > 0 (not in the paper nor the authors' code): the decoder also learns to reconstruct
+    the real batch x, lambda_x d_rho(x, theta(phi(x))) with phi(x) held fixed. In Eq. 6 only the
+    encoder sees real images; the decoder learns them through the latent cycle alone, which takes
+    millions of images. The CPU preset turns this on to get pictures within minutes.
     """
     fakes = fake_batch(decoder, n, res, alpha, mix_ratio, generator, noise, rank, world)
     z_hat = encoder(fakes.images, res, alpha)
@@ -332,7 +337,14 @@ def decoder_loss(encoder, decoder, n, res, alpha, mix_ratio=MIX_RATIO, lambda_z=
     cos = d_cos(fakes.z, z_hat[:n_reg]) if n_reg else z_hat.new_zeros(())
     lj = layer_loss(decoder, z_hat[n_reg:], fakes.canvas, fakes.j, noise) if fakes.j else z_hat.new_zeros(())
     loss = kl_fake + lambda_z * cos + lambda_j * lj
-    return loss, dict(kl_fake=kl_fake.detach(), cos=cos.detach(), layer=lj.detach(), j=fakes.j)
+    parts = dict(kl_fake=kl_fake.detach(), cos=cos.detach(), layer=lj.detach(), j=fakes.j)
+    if lambda_x > 0:
+        with torch.no_grad():
+            z_real = encoder(x, res, alpha)
+        parts['recon'] = robust(decoder(z_real, res, alpha, noise=noise) - x)
+        loss = loss + lambda_x * parts['recon']
+        parts['recon'] = parts['recon'].detach()
+    return loss, parts
 
 
 def invariance_loss(decoder, robust, x1, x2, z1, z2, k, res, alpha, noise=True):

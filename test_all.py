@@ -597,6 +597,26 @@ def test_encoder_and_decoder_losses_backpropagate():
     assert m.decoder.blocks[2].layers[1].conv.weight.grad.abs().sum() > 0
 
 
+def test_decoder_reconstruction_switch_adds_exactly_its_term():
+    m = tiny()
+    m.encoder.eval()                  # spectral norm's power iteration would move between the calls
+    robust = L.AdaptiveRobustLoss(max_res=64, res=16)
+    x = torch.rand(6, 3, 16, 16) * 2 - 1
+
+    def loss_with(**kw):          # the same fakes each time: same generator, no layer noise
+        return L.decoder_loss(m.encoder, m.decoder, 8, 16, 1.0, generator=torch.Generator().manual_seed(0),
+                              noise=False, **kw)
+    base, _ = loss_with()
+    loss, parts = loss_with(x=x, robust=robust, lambda_x=3.0)
+    with torch.no_grad():
+        recon = robust(m.decoder(m.encoder(x, 16), 16, noise=False) - x)
+    assert torch.allclose(parts['recon'], recon) and torch.allclose(loss, base + 3.0 * recon)
+    # the added term trains the decoder alone: phi(x) enters as a fixed code
+    (loss - base).backward()
+    assert m.decoder.to_rgb[2].weight.grad.abs().sum() > 1e-3
+    assert all(p.grad is None or p.grad.abs().max() < 1e-6 for p in m.encoder.parameters())
+
+
 def test_invariance_loss_generalizes_reconstruction():
     m = tiny()
     robust = L.AdaptiveRobustLoss(max_res=64, res=16)

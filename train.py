@@ -58,6 +58,8 @@ lambda_x_fade = 2.0         # image reconstruction weight in the first (fade) ha
 lambda_x_stable = 3.0       # ... and in the second half
 lambda_z = 2.0              # latent cosine reconstruction
 lambda_j = 10.0             # layer-specific loss L_j
+lambda_x_dec = 0.0          # not in the paper: the decoder also reconstructs real images (on in the shapes preset)
+beta1 = 0.0                 # Adam's first-moment decay (paper A.1: 0; 0.9 destabilized the KL game on shapes)
 mix_ratio = 0.25            # share of style-mixed samples among the fakes (paper 1/4; authors' D step 1/2)
 ema_decay = 0.999           # EMA of decoder weights per step (ramped up from 0.1 over the first steps)
 # system
@@ -80,13 +82,15 @@ CONFIG_KEYS = sorted(set(globals()) - _before - {'_before'})
 # defaults above unless the same key is given on the command line.
 _PAPER = {4: 2400, 8: 2400, 16: 2400, 32: 2400, 64: 10400}
 PRESETS = {
-    # shapes: CPU-sized, 15 minutes on 2 Intel cores with AVX-512, 29 on 2 AVX2 EPYC cores (README).
-    # Three choices differ from the paper, each measured on short runs (README): a 32-d latent for a
-    # handful of factors, the authors' extra KL(E(x)) term (with the paper's Eq. 6 alone the clamped
-    # margin stops spreading the real encodings, which stay collapsed at init), and margin 0.5 from
-    # the start; EMA 0.99 for a short run.
-    'shapes': dict(max_res=32, width=1 / 16, nz=32, extra_kl=True, ema_decay=0.99,
-                   phase_kimg={4: 30, 8: 60, 16: 90, 32: 40}, fade=0.5,
+    # shapes: CPU-sized, under 20 minutes on 2 AVX2 EPYC cores (README). Choices that differ from the
+    # paper, each measured on short runs (README): a 32-d latent for a handful of factors; margin 0.5
+    # from the start; the authors' code (--authors: their plain conv stacks, extra KL(E(x)) term and
+    # upper clamp; with Eq. 6 alone the clamped margin stops spreading the real encodings, and their
+    # plain stacks reconstructed better than residual blocks in this budget); the decoder also learns
+    # the real images (lambda_x_dec; without it the pictures stay noise-covered in this budget); no
+    # layer noise (the scenes have no stochastic detail, and drawing it cost 10% of a step); EMA 0.99.
+    'shapes': dict(max_res=32, width=1 / 16, nz=32, authors=True, ema_decay=0.99, lambda_x_dec=10.0, noise='none',
+                   phase_kimg={4: 16, 8: 40, 16: 60, 32: 20}, fade=0.5,
                    batch_size={4: 32, 8: 32, 16: 32, 32: 32}, lr={r: 0.001 for r in (4, 8, 16, 32)},
                    margin={r: 0.5 for r in (4, 8, 16, 32)}, num_workers=0,
                    log_every=5.0, sample_every=40.0, ckpt_every=20.0),
@@ -259,7 +263,7 @@ def main(cfg):
     encoder, decoder = net.encoder, net.decoder
     ema = model.make_ema(decoder)
     robust = losses.AdaptiveRobustLoss(mcfg.max_res).to(dev)
-    betas = dict(betas=(0.0, 0.99), eps=1e-8)          # paper A.1
+    betas = dict(betas=(cfg['beta1'], 0.99), eps=1e-8)  # paper A.1: beta1 = 0
     opt_enc = torch.optim.Adam(list(encoder.parameters()) + list(robust.parameters()), lr=cfg['lr'][4], **betas)
     opt_dec = torch.optim.Adam(decoder.parameters(), lr=cfg['lr'][4], **betas)
     gen = torch.Generator().manual_seed(cfg['seed'] + 1)     # shared by all ranks: latents, j, flips
@@ -397,6 +401,7 @@ def main(cfg):
             say(f'kimg {kimg:8.1f} | {res}px a={alpha:.2f} | E {means["E"]:.3f} D {means["D"]:.3f} '
                 f'kl_r {means["kl_real"]:.3f} kl_f {means["kl_fake"]:.3f} rec {means["recon"]:.3f} '
                 f'kl_d {means["kl_dec"]:.3f} dcos {means["dcos"]:.4f} Lj {means["layer"]:.4f} '
+                + (f'rec_d {means["rec_dec"]:.3f} ' if 'rec_dec' in means else '')
                 + (f'inv {means["inv"]:.3f} ' if 'inv' in means else '') + f'| {rate:.0f} img/s {1000 / rate:.1f} s/kimg | '
                 f'eta phase {eta_phase / 60:.1f}m run ~{eta_run / 60:.0f}m | {memory_text(dev)}')
             if master:
@@ -449,10 +454,12 @@ def train_step(encoder, decoder, ema, robust, opt_enc, opt_dec, scalers, x, res,
 
     # decoder step: L_theta; the encoder is frozen, gradients flow through it into the decoder
     encoder.requires_grad_(False)
+    robust.requires_grad_(False)                 # d_rho's alpha and scale learn in the encoder step only
     decoder.requires_grad_(True)
     with autocast:
         d_loss, d_parts = losses.decoder_loss(encoder, decoder, batch, res, alpha, cfg['mix_ratio'], cfg['lambda_z'],
-                                              cfg['lambda_j'], gen, rank=rank, world=world, gather=gather)
+                                              cfg['lambda_j'], gen, rank=rank, world=world, gather=gather,
+                                              x=x, robust=robust, lambda_x=cfg['lambda_x_dec'])
     check_finite(d_loss, d_parts, 'decoder', kimg)
     opt_dec.zero_grad(set_to_none=True)
     scalers[1].scale(d_loss).backward()
@@ -460,11 +467,14 @@ def train_step(encoder, decoder, ema, robust, opt_enc, opt_dec, scalers, x, res,
     scalers[1].step(opt_dec)
     scalers[1].update()
     encoder.requires_grad_(True)
+    robust.requires_grad_(True)
     # the decay ramps up to ema_decay ((1 + t) / (10 + t), as TF's ExponentialMovingAverage), so
     # that early samples and short runs do not average in the random initialization
     model.update_ema(ema, decoder, min(cfg['ema_decay'], (1 + step) / (10 + step)))
     parts = dict(E=e_loss.detach(), D=d_loss.detach(), **e_parts, kl_dec=d_parts['kl_fake'],
                  dcos=d_parts['cos'], layer=d_parts['layer'])
+    if 'recon' in d_parts:
+        parts['rec_dec'] = d_parts['recon']
     return e_loss, d_loss, parts
 
 
