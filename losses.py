@@ -341,9 +341,9 @@ def decoder_loss(encoder, decoder, n, res, alpha, mix_ratio=MIX_RATIO, lambda_z=
     if lambda_x > 0:
         with torch.no_grad():
             z_real = encoder(x, res, alpha)
-        parts['recon'] = robust(decoder(z_real, res, alpha, noise=noise) - x)
-        loss = loss + lambda_x * parts['recon']
-        parts['recon'] = parts['recon'].detach()
+        recon = robust(decoder(z_real, res, alpha, noise=noise) - x)
+        loss = loss + lambda_x * recon
+        parts['recon'] = recon.detach()
     return loss, parts
 
 
