@@ -90,17 +90,41 @@ def _width(table, res, mult):
 # Layers
 
 class EqualConv2d(nn.Module):
-    """Conv with equalized learning rate (Karras et al. 2018): N(0,1) weights scaled at run time."""
+    """Conv with equalized learning rate (Karras et al. 2018): N(0,1) weights scaled at run time.
+    up=True (3x3 only): the conv of the 2x nearest-upsampled input, computed by conv_up2."""
 
-    def __init__(self, cin, cout, k, padding=0):
+    def __init__(self, cin, cout, k, padding=0, up=False):
         super().__init__()
         self.weight = nn.Parameter(torch.randn(cout, cin, k, k))
         self.bias = nn.Parameter(torch.zeros(cout))
         self.scale = math.sqrt(2 / (cin * k * k))
         self.padding = padding
+        self.up = up
 
     def forward(self, x):
+        if self.up:
+            return conv_up2(x, self.weight * self.scale, self.bias)
         return F.conv2d(x, self.weight * self.scale, self.bias, padding=self.padding)
+
+
+def conv_up2(x, w, b):
+    """F.conv2d(2x nearest upsampling of x, w (3x3), b, padding=1) without making the upsampled map.
+
+    Output pixel (2i + dy, 2j + dx) sees input rows (i - 1, i, i) for dy = 0 and (i, i, i + 1) for
+    dy = 1 (columns likewise), so each of the four parities is a 2x2 conv of x with summed taps
+    ([w0, w1 + w2] or [w0 + w1, w2] per axis), and the zero padding maps onto x's. One 2x2 conv with
+    4x the channels computes all four (16 multiply-adds per pixel and channel pair instead of 36;
+    the same function up to float rounding). Its map row r sees input rows r - 1 and r: parity 0
+    wants rows 0..H-1 and parity 1 rows 1..H, so with the parities in the order (1, 0) a pixel shuffle
+    puts both one pixel off the final place, and a one-pixel crop finishes the job.
+    """
+    def halves(k, dim):                                # taps for parity 1 and parity 0 along dim
+        k0, k1, k2 = k.unbind(dim)
+        return torch.stack([k0 + k1, k2], dim), torch.stack([k0, k1 + k2], dim)
+    k = torch.stack([torch.stack(halves(ky, 3)) for ky in halves(w, 2)])   # (2, 2, C, Cin, 2, 2)
+    k = k.permute(2, 0, 1, 3, 4, 5).flatten(0, 2)                          # channel c * 4 + 2 ey + ex
+    y = F.pixel_shuffle(F.conv2d(x, k, b.repeat_interleave(4), padding=1), 2)   # (B, C, 2H + 2, 2W + 2)
+    return y[:, :, 1:-1, 1:-1]
 
 
 class Blur(nn.Module):
@@ -153,9 +177,9 @@ class AdaIN(nn.Module):
 class ModLayer(nn.Module):
     """One decoder layer #i: conv3x3 -> [blur] -> [noise] -> LeakyReLU(0.2) -> AdaIN(g_i(z))."""
 
-    def __init__(self, cin, cout, cfg, blur, noise):
+    def __init__(self, cin, cout, cfg, blur, noise, up=False):
         super().__init__()
-        self.conv = EqualConv2d(cin, cout, 3, padding=1)
+        self.conv = EqualConv2d(cin, cout, 3, padding=1, up=up)         # up: conv of the 2x upsampled input
         self.blur = Blur() if blur else None
         self.noise = Noise(cout, cfg.noise) if noise and cfg.noise != 'none' else None
         self.adain = AdaIN(cout, cfg.nz, cfg.adain_eps, cfg.adain_unbiased)
@@ -179,20 +203,18 @@ class DecoderBlock(nn.Module):
         # blur after the first conv of every block but the 4x4 one; no noise at 4x4 (both as the
         # authors, whose extra 8x8 block keeps its blur; paper silent)
         self.layers = nn.ModuleList([ModLayer(cin if k == 0 else cout, cout, cfg, blur=not first and k == 0,
-                                              noise=not first) for k in range(n_convs)])
+                                              noise=not first, up=self.up and k == 0) for k in range(n_convs)])
         # residual form of StyleGAN2: (main + skip) / sqrt(2), on levels that change resolution
         self.skip = None
         if cfg.residual and self.up:
             self.skip = EqualConv2d(cin, cout, 1) if cin != cout else nn.Identity()
 
     def forward(self, x, z, noise=True):
-        if self.up:
-            x = F.interpolate(x, scale_factor=2, mode='nearest')
-        h = x
+        h = x                                  # with up, the first conv upsamples (conv_up2)
         for layer in self.layers:
             h = layer(h, z, noise)
-        if self.skip is not None:
-            h = (h + self.skip(x)) * (1 / math.sqrt(2))
+        if self.skip is not None:              # a 1x1 conv commutes with nearest upsampling
+            h = (h + F.interpolate(self.skip(x), scale_factor=2, mode='nearest')) * (1 / math.sqrt(2))
         return h
 
 
@@ -210,8 +232,9 @@ class EncoderBlock(nn.Module):
         if cfg.residual and not last:
             self.skip = spectral_norm(nn.Conv2d(cin, cout, 1)) if cin != cout else nn.Identity()
 
-    def forward(self, x):
-        h = F.leaky_relu(self.conv1(x), 0.2)
+    def forward(self, x, rgb=None):
+        """x: features, or images when rgb (the level's fromRGB) is given: rgb then folds into conv1."""
+        h = F.leaky_relu(self.conv1(x) if rgb is None else self.rgb_conv1(x, rgb), 0.2)
         if self.last:
             return self.conv2(h)                                  # (B, nz, 1, 1)
         h = F.leaky_relu(self.conv2(h), 0.2)
@@ -219,8 +242,20 @@ class EncoderBlock(nn.Module):
             h = self.blur(h)
         h = F.avg_pool2d(h, 2)
         if self.skip is not None:
-            h = (h + self.skip(F.avg_pool2d(x, 2))) * (1 / math.sqrt(2))
+            pooled = F.avg_pool2d(x, 2)            # fromRGB (1x1) commutes with the pooling
+            h = (h + self.skip(pooled if rgb is None else rgb(pooled))) * (1 / math.sqrt(2))
         return h
+
+    def rgb_conv1(self, x, rgb):
+        """conv1(rgb(x)) as one 3-channel conv: both are linear, so W1 * (A x + a) = (W1 A) x plus
+        W1 * a, where the bias a of fromRGB only reaches the taps inside the image (conv1 pads rgb(x)
+        with zeros): a fixed map, interior constant, edges differ. At the input level this cuts conv1
+        from C x C to 3 x C multiply-adds per pixel (exact up to float rounding)."""
+        w = self.conv1.weight                        # one access: one SN power step in training, as conv1(x)
+        a = rgb.weight.flatten(1)                    # (C, 3)
+        edge = torch.ones(1, 1, *x.shape[2:], device=x.device, dtype=w.dtype)
+        bias_map = F.conv2d(edge, torch.einsum('omyx,m->oyx', w, rgb.bias)[:, None], padding=1)
+        return F.conv2d(x, torch.einsum('omyx,mc->ocyx', w, a), self.conv1.bias, padding=1) + bias_map
 
 
 def _init_sn_convs(module):
@@ -270,7 +305,7 @@ class Decoder(nn.Module):
         if not 1 <= j <= self.n_blocks:
             raise ValueError(f'canvas index j must be in 1..{self.n_blocks}, got {j}')
         zs = self.latents(z)
-        x = self.const.expand(zs.shape[0], -1, -1, -1)
+        x = self.const         # batch 1: block 0's first conv is the same for every latent
         for i in range(j):
             x = self.blocks[i](x, zs[:, i], noise)
         return x
@@ -286,7 +321,7 @@ class Decoder(nn.Module):
         if canvas is None:
             if start != 0:
                 raise ValueError(f'start={start} needs the canvas xi_{start}')
-            x = self.const.expand(zs.shape[0], -1, -1, -1)
+            x = self.const         # batch 1: block 0's first conv is the same for every latent
         else:
             if not 1 <= start <= last:
                 raise ValueError(f'start must be in 1..{last} at {res}x{res}, got {start}')
@@ -340,7 +375,7 @@ class Encoder(nn.Module):
         n = level(res, self.cfg.max_res)
         if x.dim() != 4 or x.shape[1:] != (3, res, res):
             raise ValueError(f'encoder at {res}x{res} takes images (B, 3, {res}, {res}), got {tuple(x.shape)}')
-        h = self.blocks[n](self.from_rgb[n](x))
+        h = self.blocks[n](x, rgb=self.from_rgb[n])             # = blocks[n](from_rgb[n](x)), cheaper
         if alpha < 1 and n > 0:
             h = torch.lerp(self.from_rgb[n - 1](F.avg_pool2d(x, 2)), h, alpha)
         for i in range(n - 1, -1, -1):

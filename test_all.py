@@ -71,7 +71,8 @@ def test_encoder_fade_endpoints():
     m = tiny()
     x = torch.rand(2, 3, 32, 32) * 2 - 1
     enc = m.encoder.eval()               # freeze the spectral-norm power iteration
-    assert torch.equal(enc(x, 32, 0.0), enc(F.avg_pool2d(x, 2), 16, 1.0))
+    # equal up to float rounding: at 16x16 the input level folds fromRGB into its first conv
+    assert torch.allclose(enc(x, 32, 0.0), enc(F.avg_pool2d(x, 2), 16, 1.0), atol=1e-6)
     at_one = enc(x, 32, 1.0)
     with torch.no_grad():                # alpha = 1 must not read the previous level's fromRGB
         enc.from_rgb[M.level(16, 64)].weight.add_(1.0)
@@ -111,6 +112,33 @@ def test_canvas_then_continue_equals_full_decode():
                 xi = m.decoder.canvas(z, j, noise=False)
                 assert xi.shape[-1] == 2 ** (j + 1)
                 assert torch.equal(m.decoder(z, res, alpha, noise=False, canvas=xi, start=j), full)
+
+
+def test_fast_convolutions_equal_the_plain_ones():
+    torch.manual_seed(0)
+    # conv_up2: the conv of the 2x nearest-upsampled map, without making it; values and gradients
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        x = torch.randn(2, 5, 6, 6).contiguous(memory_format=fmt).requires_grad_()
+        w, b = torch.randn(7, 5, 3, 3, requires_grad=True), torch.randn(7, requires_grad=True)
+        fast = M.conv_up2(x, w, b)
+        plain = F.conv2d(F.interpolate(x, scale_factor=2, mode='nearest'), w, b, padding=1)
+        assert fast.shape == plain.shape == (2, 7, 12, 12) and torch.allclose(fast, plain, atol=1e-5)
+        g = torch.randn_like(plain)
+        for a, c in zip(torch.autograd.grad(fast, (x, w, b), g), torch.autograd.grad(plain, (x, w, b), g)):
+            assert torch.allclose(a, c, atol=1e-4)
+    # the encoder's input level folds fromRGB into conv1 (and pools before fromRGB on the skip)
+    for extra in ({}, M.AUTHORS):
+        m = tiny(**extra)
+        m.encoder.eval()                 # the same SN estimate for both calls
+        for n in (0, 3):
+            blk, rgb, r = m.encoder.blocks[n], m.encoder.from_rgb[n], 4 * 2 ** n
+            img = torch.rand(2, 3, r, r, requires_grad=True)
+            params = (img, rgb.weight, rgb.bias, blk.conv1.parametrizations.weight.original)
+            fast, plain = blk(img, rgb=rgb), blk(rgb(img))
+            assert torch.allclose(fast, plain, atol=1e-5 * plain.abs().max().item())
+            g = torch.randn_like(plain)
+            for a, c in zip(torch.autograd.grad(fast, params, g), torch.autograd.grad(plain, params, g)):
+                assert torch.allclose(a, c, rtol=1e-4, atol=1e-5 * c.abs().max().item())
 
 
 def test_layer_noise_is_random_unless_switched_off():
