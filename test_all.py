@@ -879,7 +879,7 @@ def _log(out_dir):
 
 
 def test_train_runs_grows_and_writes_checkpoint_and_grid(tmp_path):
-    ck = run_train(tmp_path, total_kimg=0.12)                 # 15 steps: 4x4, 8x8 fading in, 16x16
+    ck = run_train(tmp_path, total_kimg=0.12, beta1_dec=0.5)  # 15 steps: 4x4, 8x8 fading in, 16x16
     log = _log(tmp_path)
     assert all(math.isfinite(r[k]) for r in log for k in ('E', 'D', 'kl_real', 'recon', 'dcos', 'layer'))
     assert [r['res'] for r in log] == [4] * 4 + [8] * 8 + [16] * 3
@@ -890,6 +890,8 @@ def test_train_runs_grows_and_writes_checkpoint_and_grid(tmp_path):
     robust = L.AdaptiveRobustLoss(16)
     robust.load_state_dict(ck['robust'])
     assert robust.res == 16
+    betas = [tuple(ck[k]['param_groups'][0]['betas']) for k in ('opt_enc', 'opt_dec')]
+    assert betas == [(0.0, 0.99), (0.5, 0.99)]                # beta1 per network (paper: 0 for both)
     # the optimizers kept their state across growth: 4x4 block parameters still have their moments
     assert len(ck['opt_dec']['state']) > sum(1 for _ in M.Decoder(M.ModelConfig(**ck['model_config'])).blocks[0].parameters())
     grids = sorted(f for f in os.listdir(tmp_path) if f.startswith('grid_'))

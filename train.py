@@ -59,7 +59,8 @@ lambda_x_stable = 3.0       # ... and in the second half
 lambda_z = 2.0              # latent cosine reconstruction
 lambda_j = 10.0             # layer-specific loss L_j
 lambda_x_dec = 0.0          # not in the paper: the decoder also reconstructs real images (on in the shapes preset)
-beta1 = 0.0                 # Adam's first-moment decay (paper A.1: 0; 0.9 destabilized the KL game on shapes)
+beta1 = 0.0                 # Adam's first-moment decay, encoder (paper A.1: 0; 0.9 destabilized the KL game on shapes)
+beta1_dec = 0.0             # ... and decoder (paper A.1: 0)
 mix_ratio = 0.25            # share of style-mixed samples among the fakes (paper 1/4; authors' D step 1/2)
 ema_decay = 0.999           # EMA of decoder weights per step (ramped up from 0.1 over the first steps)
 # system
@@ -88,9 +89,10 @@ PRESETS = {
     # upper clamp; with Eq. 6 alone the clamped margin stops spreading the real encodings, and their
     # plain stacks reconstructed better than residual blocks in this budget); the decoder also learns
     # the real images (lambda_x_dec; without it the pictures stay noise-covered in this budget); no
-    # layer noise (the scenes have no stochastic detail, and drawing it cost 10% of a step); EMA 0.99.
+    # layer noise (the scenes have no stochastic detail, and drawing it cost 10% of a step); EMA 0.99; a
+    # 30-kimg 32x32 phase (the loss jumps when its fade ends and needs ~10 kimg to settle).
     'shapes': dict(max_res=32, width=1 / 16, nz=32, authors=True, ema_decay=0.99, lambda_x_dec=10.0, noise='none',
-                   phase_kimg={4: 16, 8: 40, 16: 60, 32: 20}, fade=0.5,
+                   phase_kimg={4: 12, 8: 30, 16: 48, 32: 30}, fade=0.5,
                    batch_size={4: 32, 8: 32, 16: 32, 32: 32}, lr={r: 0.001 for r in (4, 8, 16, 32)},
                    margin={r: 0.5 for r in (4, 8, 16, 32)}, num_workers=0,
                    log_every=5.0, sample_every=40.0, ckpt_every=20.0),
@@ -263,9 +265,9 @@ def main(cfg):
     encoder, decoder = net.encoder, net.decoder
     ema = model.make_ema(decoder)
     robust = losses.AdaptiveRobustLoss(mcfg.max_res).to(dev)
-    betas = dict(betas=(cfg['beta1'], 0.99), eps=1e-8)  # paper A.1: beta1 = 0
-    opt_enc = torch.optim.Adam(list(encoder.parameters()) + list(robust.parameters()), lr=cfg['lr'][4], **betas)
-    opt_dec = torch.optim.Adam(decoder.parameters(), lr=cfg['lr'][4], **betas)
+    opt_enc = torch.optim.Adam(list(encoder.parameters()) + list(robust.parameters()), lr=cfg['lr'][4],
+                               betas=(cfg['beta1'], 0.99), eps=1e-8)      # paper A.1: beta1 = 0, beta2 = 0.99
+    opt_dec = torch.optim.Adam(decoder.parameters(), lr=cfg['lr'][4], betas=(cfg['beta1_dec'], 0.99), eps=1e-8)
     gen = torch.Generator().manual_seed(cfg['seed'] + 1)     # shared by all ranks: latents, j, flips
     samples, step = 0, 0
     sample_z = model.sample_prior(8, mcfg.nz, generator=torch.Generator().manual_seed(cfg['seed'] + 2)).to(dev)
