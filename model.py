@@ -170,8 +170,11 @@ class AdaIN(nn.Module):
         s = self.style(z)                                        # (B, 2C)
         # statistics in float32: in bfloat16 the variance of a flat map can round to 0
         var, mean = torch.var_mean(x.float(), dim=(2, 3), keepdim=True, correction=int(self.unbiased))
-        x = ((x - mean) * torch.rsqrt(var + self.eps)).to(s.dtype)
-        return s[:, :c, None, None] * x + s[:, c:, None, None]
+        # sigma (x - mean) / std + mu as one multiply-add over the map, x a + b with per-channel
+        # a = sigma / std and b = mu - mean a: one pass over the map instead of four (forward and
+        # backward), same function up to float32 rounding
+        a = s[:, :c, None, None] * torch.rsqrt(var + self.eps)
+        return torch.addcmul(s[:, c:, None, None] - mean * a, x.float(), a).to(s.dtype)
 
 
 class ModLayer(nn.Module):

@@ -139,6 +139,22 @@ def test_fast_convolutions_equal_the_plain_ones():
             g = torch.randn_like(plain)
             for a, c in zip(torch.autograd.grad(fast, params, g), torch.autograd.grad(plain, params, g)):
                 assert torch.allclose(a, c, rtol=1e-4, atol=1e-5 * c.abs().max().item())
+    # AdaIN as one multiply-add: Eq. 1 written out in float64, values and gradients
+    for eps, unbiased in ((1e-8, False), (0.0, True)):
+        ada = M.AdaIN(6, 4, eps, unbiased)
+        x = (torch.randn(3, 6, 5, 5) * 3 + 2).requires_grad_()
+        z = torch.randn(3, 4, requires_grad=True)
+        s = ada.style(z).double()
+        var, mean = torch.var_mean(x.double(), dim=(2, 3), keepdim=True, correction=int(unbiased))
+        plain = s[:, :6, None, None] * (x.double() - mean) / torch.sqrt(var + eps) + s[:, 6:, None, None]
+        fast = ada(x, z)
+        assert fast.dtype == torch.float32 and torch.allclose(fast.double(), plain, atol=1e-5)
+        g = torch.randn_like(fast)
+        for a, c in zip(torch.autograd.grad(fast, (x, z, ada.style.weight), g),
+                        torch.autograd.grad(plain, (x, z, ada.style.weight), g.double())):
+            assert torch.allclose(a, c, atol=1e-4)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        assert ada(x, z).dtype == torch.bfloat16
 
 
 def test_layer_noise_is_random_unless_switched_off():
