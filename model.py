@@ -168,13 +168,39 @@ class AdaIN(nn.Module):
     def forward(self, x, z):
         c = x.shape[1]
         s = self.style(z)                                        # (B, 2C)
-        # statistics in float32: in bfloat16 the variance of a flat map can round to 0
-        var, mean = torch.var_mean(x.float(), dim=(2, 3), keepdim=True, correction=int(self.unbiased))
-        # sigma (x - mean) / std + mu as one multiply-add over the map, x a + b with per-channel
-        # a = sigma / std and b = mu - mean a: one pass over the map instead of four (forward and
-        # backward), same function up to float32 rounding
-        a = s[:, :c, None, None] * torch.rsqrt(var + self.eps)
-        return torch.addcmul(s[:, c:, None, None] - mean * a, x.float(), a).to(s.dtype)
+        # in float32: in bfloat16 the variance of a flat map can round to 0
+        sigma, mu = s[:, :c, None, None].float(), s[:, c:, None, None].float()
+        return _AdaIN.apply(x.float(), sigma, mu, self.eps, int(self.unbiased)).to(s.dtype)
+
+
+class _AdaIN(torch.autograd.Function):
+    """Eq. 1 with a hand-written backward: autograd's of var_mean and the affine makes about ten
+    passes over the map and torch.var_mean is slow on a CPU (4 ms where a sum takes 0.1 ms for a
+    32 x 32 x 32 x 32 map); this makes five and computes the same function (the test checks it
+    with gradcheck). With d = x - mean, r = 1 / sqrt(var + eps), var = sum(d^2) / (n - correction):
+        y = sigma r d + mu,  dmu = sum(g),  dsigma = r sum(g d),
+        dx = sigma r (g - sum(g) / n - d r^2 sum(g d) / (n - correction))."""
+
+    @staticmethod
+    def forward(ctx, x, sigma, mu, eps, correction):
+        n = x.shape[2] * x.shape[3]
+        d = x - x.mean((2, 3), keepdim=True)
+        flat = d.flatten(2)
+        r = torch.rsqrt(torch.linalg.vecdot(flat, flat)[..., None, None] / (n - correction) + eps)
+        ctx.save_for_backward(d, r, sigma)
+        ctx.n, ctx.correction = n, correction
+        return torch.addcmul(mu, d, sigma * r)
+
+    @staticmethod
+    def backward(ctx, g):
+        d, r, sigma = ctx.saved_tensors
+        n, k = ctx.n, sigma * r
+        g_sum = g.sum((2, 3), keepdim=True)
+        gd_sum = torch.linalg.vecdot(g.flatten(2), d.flatten(2))[..., None, None]
+        dx = None
+        if ctx.needs_input_grad[0]:
+            dx = torch.addcmul(-k * g_sum / n, g, k).addcmul_(d, -k * r * r * gd_sum / (n - ctx.correction))
+        return dx, r * gd_sum, g_sum, None, None
 
 
 class ModLayer(nn.Module):

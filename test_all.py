@@ -155,6 +155,11 @@ def test_fast_convolutions_equal_the_plain_ones():
             assert torch.allclose(a, c, atol=1e-4)
     with torch.autocast('cpu', dtype=torch.bfloat16):
         assert ada(x, z).dtype == torch.bfloat16
+    # its hand-written backward, against finite differences in float64
+    xd, sd = torch.randn(2, 3, 4, 5, dtype=torch.float64) * 2 + 1, torch.randn(2, 6, 1, 1, dtype=torch.float64)
+    for eps, corr in ((1e-8, 0), (0.0, 1)):
+        assert torch.autograd.gradcheck(lambda x, a, b: M._AdaIN.apply(x, a, b, eps, corr),
+                                        (xd.requires_grad_(), sd[:, :3].requires_grad_(), sd[:, 3:].requires_grad_()))
 
 
 def test_layer_noise_is_random_unless_switched_off():
