@@ -139,7 +139,11 @@ def test_fast_convolutions_equal_the_plain_ones():
             g = torch.randn_like(plain)
             for a, c in zip(torch.autograd.grad(fast, params, g), torch.autograd.grad(plain, params, g)):
                 assert torch.allclose(a, c, rtol=1e-4, atol=1e-5 * c.abs().max().item())
-    # AdaIN (a hand-written autograd Function): Eq. 1 written out in float64, values and gradients
+
+
+def test_adain_equals_eq1_and_its_backward_is_exact():
+    torch.manual_seed(0)
+    # Eq. 1 written out in float64: values and gradients wrt x, z and the style map
     for eps, unbiased in ((1e-8, False), (0.0, True)):
         ada = M.AdaIN(6, 4, eps, unbiased)
         x = (torch.randn(3, 6, 5, 5) * 3 + 2).requires_grad_()
