@@ -926,6 +926,17 @@ def test_train_runs_grows_and_writes_checkpoint_and_grid(tmp_path):
     assert json.load(open(tmp_path / 'config.json'))['model_config']['nz'] == 32
 
 
+def test_train_eta_counts_a_total_beyond_the_schedule():
+    import train as T
+    table, end = T.phase_table(8, {4: 1, 8: 1}, total_kimg=5)  # 8x8 runs on from 2 to 5 kimg
+    assert end == 5 and T.phase_end(table, 1, end) == 5
+    assert T.remaining_seconds(table, end, 3.0, 8, 1000) == 2.0   # 2 kimg left at 1000 img/s
+    table, end = T.phase_table(8, {4: 1, 8: 1}, total_kimg=1.5)  # stops halfway through 8x8
+    assert T.phase_end(table, 0, end) == 1 and T.phase_end(table, 1, end) == 1.5
+    # 0.5 kimg at 4x4, then 0.5 kimg at 8x8 costing 2^1.5 times as much per image
+    assert T.remaining_seconds(table, end, 0.5, 4, 1000) == pytest.approx(0.5 + 0.5 * 2 ** 1.5)
+
+
 def test_train_resume_is_bit_identical(tmp_path):
     straight = run_train(tmp_path / 'a', total_kimg=0.112)     # 14 steps, across the 4 -> 8 boundary
     run_train(tmp_path / 'b', total_kimg=0.056)                 # 7 steps ...

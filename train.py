@@ -398,7 +398,7 @@ def main(cfg):
             means = {k: v.item() / counts[k] for k, v in all_mean(sums).items()}
             dt = time.time() - t_log
             rate = (samples - last_log) / dt
-            eta_phase = (table[p][1] + table[p][2] - kimg) * 1000 / rate
+            eta_phase = (phase_end(table, p, end_kimg) - kimg) * 1000 / rate
             eta_run = remaining_seconds(table, end_kimg, kimg, res, rate)
             say(f'kimg {kimg:8.1f} | {res}px a={alpha:.2f} | E {means["E"]:.3f} D {means["D"]:.3f} '
                 f'kl_r {means["kl_real"]:.3f} kl_f {means["kl_fake"]:.3f} rec {means["recon"]:.3f} '
@@ -495,11 +495,18 @@ def check_finite(loss, parts, which, kimg):
                          f'is kept. Try a lower lr, or --dtype=float32')
 
 
+def phase_end(table, p, end_kimg):
+    """kimg where phase p stops: its scheduled end, or end_kimg if sooner; the last phase runs on
+    to end_kimg (a --total_kimg beyond the schedule keeps training at max_res)."""
+    start, length = table[p][1:]
+    return end_kimg if p == len(table) - 1 else min(start + length, end_kimg)
+
+
 def remaining_seconds(table, end_kimg, kimg, res, rate):
     """Rough time left at `rate` images/s for this resolution; later phases cost more per image."""
     left = 0.0
-    for r, start, length in table:
-        todo = max(0.0, min(start + length, end_kimg) - max(start, kimg))
+    for p, (r, start, _) in enumerate(table):
+        todo = max(0.0, phase_end(table, p, end_kimg) - max(start, kimg))
         left += todo * 1000 / rate * max(1.0, (r / res) ** 1.5)   # per doubling ~2.8x, as measured on a CPU
     return left
 
