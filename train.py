@@ -49,7 +49,7 @@ invariance = ''             # 'flip': Sec. 3.3/4.3, flip pairs drive pose throug
 # schedule, per resolution; kimg = thousands of images seen
 phase_kimg = {4: 2400, 8: 2400, 16: 2400, 32: 2400, 64: 10400, 128: 10600, 256: 16000, 512: 16000}
 fade = 0.5                  # share of each phase over which the new level fades in
-total_kimg = 0.0            # stop here (0 = at the end of the max_res phase)
+total_kimg = 0.0            # stop here (0 = at the end of the max_res phase; beyond it, max_res runs on)
 batch_size = {4: 128, 8: 128, 16: 128, 32: 64, 64: 32, 128: 32, 256: 16, 512: 4}  # per process
 lr = {4: 0.0005, 8: 0.0005, 16: 0.0005, 32: 0.0005, 64: 0.001, 128: 0.001, 256: 0.001, 512: 0.001}
 margin = {4: 2.0, 8: 2.0, 16: 0.5, 32: 0.5, 64: 0.5, 128: 0.5, 256: 0.5, 512: 0.5}  # KL margin M_gap
