@@ -833,6 +833,9 @@ def test_shapes_are_deterministic_and_estimable():
     assert torch.equal(a[2], b[0]) and fa['shape'][2] == fb['shape'][0]
     assert not torch.equal(D.render_shapes(torch.tensor([12]), 32, seed=1)[0], b)
     assert a.min() >= -1 and a.max() <= 1
+    f = D.shapes_factors(torch.arange(5000))
+    assert (f['color'] > f['background']).all()          # one edge polarity: lighter object, every channel
+    assert f['color'].std(0).min() > 0.07 and f['background'].std(0).min() > 0.07   # both vary
     train, test = D.ShapesSource('train'), D.ShapesSource('test')
     assert not torch.equal(train.load_batch([0], 16), test.load_batch([0], 16))
     for res in (32, 64):
