@@ -75,7 +75,8 @@ def shapes_factors(index, seed=0):
     # light objects on dark backgrounds, each colour uniform in its own box: the two are independent
     # factors, never blend, and the edge between them has one polarity. With the polarity drawn per
     # image (channels 0.35-0.65 apart mod 1, the first version) a plain autoencoder of the preset's
-    # networks took ~3x the steps to learn the shape class: an edge detector has to learn both signs.
+    # networks took ~3x the steps to learn the shape class (README, Training; our reading: the edge
+    # and corner features it needs then have to come in both signs).
     obj = OBJECT_RANGE[0] + (OBJECT_RANGE[1] - OBJECT_RANGE[0]) * u[:, 4:7]
     bg = BACKGROUND_RANGE[0] + (BACKGROUND_RANGE[1] - BACKGROUND_RANGE[0]) * u[:, 7:10]
     texture = (u[:, 10] < 0.5).long() ^ 1
