@@ -104,27 +104,20 @@ def build(cfg, dev, max_res):
 
 
 def bench_train(cfg, dev, autocast, report):
+    """train.py's own step (Trainer.step_on) at one resolution, past its fade-in."""
     r = cfg['res']
-    net = build(cfg, dev, r)
-    ema = model.make_ema(net.decoder)
-    robust = losses.AdaptiveRobustLoss(r, res=r).to(dev)
-    adam = dict(betas=(0.0, 0.99), eps=1e-8, lr=0.001)
-    opt_enc = torch.optim.Adam(list(net.encoder.parameters()) + list(robust.parameters()), **adam)
-    opt_dec = torch.optim.Adam(net.decoder.parameters(), **adam)
-    scalers = [torch.amp.GradScaler(dev.type, enabled=cfg['dtype'] == 'float16') for _ in range(2)]
-    tcfg = dict(mix_ratio=0.25, extra_kl=False, upper_clamp=False, invariance='', authors=cfg['authors'], lambda_z=2.0,
-                lambda_j=10.0, lambda_x_dec=0.0, ema_decay=0.999)
+    tcfg = {**train.DEFAULTS, **{k: cfg[k] for k in ('arch', 'width', 'authors', 'dtype', 'channels_last', 'compile')},
+            'max_res': r}
+    t = train.Trainer(tcfg, train.model_config_from(tcfg), dev)
+    while t.robust.res < r:
+        t.robust.grow()
+    t.step = 10_000                                      # the EMA at its full decay
     x = torch.rand(cfg['batch'], 3, r, r, device=dev) * 2 - 1
     if cfg['channels_last']:
         x = x.contiguous(memory_format=torch.channels_last)
-    gen = torch.Generator().manual_seed(0)
-
-    def step():
-        train.train_step(net.encoder, net.decoder, ema, robust, opt_enc, opt_dec, scalers, x, r, 1.0, tcfg,
-                         0.5, 3.0, gen, 10_000, autocast=autocast)
-    seconds = timed(step, dev, cfg['warmup'], cfg['repeat'])
-    report('train_iteration', seconds, flops_of(step), f'{r}x{r} batch {cfg["batch"]}, encoder + decoder update + EMA',
-           images=cfg['batch'])
+    seconds = timed(lambda: t.step_on(x, r, 1.0, False), dev, cfg['warmup'], cfg['repeat'])
+    report('train_iteration', seconds, flops_of(lambda: t.step_on(x, r, 1.0, False)),
+           f'{r}x{r} batch {cfg["batch"]}, encoder + decoder update + EMA', images=cfg['batch'])
 
 
 @torch.no_grad()
@@ -173,9 +166,13 @@ def bench_data(cfg, dev, report):
 
 
 def main(cfg):
-    name = cfg['device']
-    dev = torch.device('cuda' if name == 'auto' and torch.cuda.is_available() else ('cpu' if name == 'auto' else name))
-    dt = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[cfg['dtype']]
+    try:
+        dev = model.resolve_device(cfg['device'])
+    except ValueError as e:
+        raise SystemExit(f'error: {e}')
+    if cfg['dtype'] not in model.DTYPES:
+        raise SystemExit(f"error: --dtype={cfg['dtype']!r} is not valid; expected one of {', '.join(model.DTYPES)}")
+    dt = model.DTYPES[cfg['dtype']]
     autocast = torch.autocast(dev.type, dtype=dt) if dt != torch.float32 else nullcontext()
     if dev.type == 'cuda':
         torch.backends.cudnn.benchmark = True

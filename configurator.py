@@ -13,8 +13,14 @@ calls `configure(globals(), keys)`:
 
 The default's type decides how a value is parsed: bools take True/False/1/0 (also yes/no, on/off),
 a bare `--flag` means True; ints and floats their usual text, tuples/lists/dicts a Python literal, strings anything.
+A dict default (a per-resolution table) also takes one number, meaning that number at every key.
 An unknown key or a badly typed value stops the script with a message that names the key, the
 expected type and the closest valid names; `--help` lists every global with its default and comment.
+
+Each script also lists the valid values of every global in one table of rules (`one_of`,
+`between`, `integer`, `power_of_two`, `per_resolution`, ...) and calls `check(cfg, RULES)` before it
+reads or writes anything: a bad value stops it with one line naming the option, what it got and
+what is valid.
 """
 import ast
 import difflib
@@ -61,12 +67,15 @@ def _parse(key, old, text):
             return float(text)
         if isinstance(old, (tuple, list, dict)):
             new = ast.literal_eval(text)
+            if isinstance(old, dict) and isinstance(new, (int, float)) and not isinstance(new, bool):
+                return {k: new for k in old}             # --batch_size=8: 8 at every resolution
             if isinstance(old, dict) != isinstance(new, dict):
                 raise ValueError
             return type(old)(new) if not isinstance(old, dict) else new
         return text
     except (ValueError, SyntaxError, TypeError):
-        hint = 'True/False/1/0' if isinstance(old, bool) else f'a {kind} like {old!r}'
+        hint = ('True/False/1/0' if isinstance(old, bool) else f'one number, or a dict like {old!r}'
+                if isinstance(old, dict) else f'a {kind} like {old!r}')
         raise SystemExit(f'error: --{key}={text!r} is not a valid {kind}; expected {hint}')
 
 
@@ -113,3 +122,84 @@ def configure(g, keys, argv=None):
         g[key] = done[key] = _parse(key, g[key], text)
         print(f'override {key} = {g[key]!r}')
     return done
+
+
+# ---------------------------------------------------------------------------------------------
+# Valid values
+
+class Rule:
+    """What a valid value is: `text` says it in the error message, `ok(value)` tests it."""
+
+    def __init__(self, text, ok):
+        self.text, self.ok = text, ok
+
+    def problem(self, value):
+        """'' when value is valid, else what was expected."""
+        try:
+            return '' if self.ok(value) else self.text
+        except TypeError:                               # e.g. a number compared with a string
+            return self.text
+
+
+def _number(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v    # NaN is not a number here
+
+
+ANY = Rule('anything', lambda v: True)
+
+
+def one_of(*choices):
+    return Rule('one of ' + ', '.join(repr(c) for c in choices), lambda v: v in choices)
+
+
+def between(lo, hi, open_hi=False):
+    return Rule(f'a number in [{lo}, {hi}{")" if open_hi else "]"}',
+                lambda v: _number(v) and lo <= v and (v < hi if open_hi else v <= hi))
+
+
+def at_least(lo):
+    return Rule(f'a number >= {lo}', lambda v: _number(v) and v >= lo)
+
+
+def above(lo):
+    return Rule(f'a number > {lo}', lambda v: _number(v) and v > lo)
+
+
+def integer(lo):
+    return Rule(f'a whole number >= {lo}', lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= lo)
+
+
+def power_of_two(lo, hi):
+    return Rule(f'a power of two in {lo}..{hi}', lambda v: isinstance(v, int) and lo <= v <= hi and v & (v - 1) == 0)
+
+
+def matches(pattern, text):
+    return Rule(text, lambda v: isinstance(v, str) and re.fullmatch(pattern, v) is not None)
+
+
+class per_resolution(Rule):
+    """A table {resolution: value}, each value valid under `rule`; the error names the first bad entry."""
+
+    def __init__(self, rule):
+        super().__init__(f'{rule.text} at every resolution', lambda v: not self.problem(v))
+        self.rule = rule
+
+    def problem(self, value):
+        if not isinstance(value, dict):
+            return f'one number or a dict {{resolution: value}}'
+        for r, x in value.items():
+            if not power_of_two(4, 1024).ok(r):
+                return f'resolutions that are powers of two in 4..1024 (got {r!r})'
+            if self.rule.problem(x):
+                return f'{self.text} (got {x!r} at {r}x{r})'
+        return ''
+
+
+def check(cfg, rules):
+    """Stop with one line at the first value in cfg that breaks its rule (every key must have one)."""
+    for key, value in cfg.items():
+        if key not in rules:
+            raise KeyError(f'no rule for {key!r}: add it to the script\'s RULES')
+        expected = rules[key].problem(value)
+        if expected:
+            raise SystemExit(f'error: --{key}={value!r} is not valid; expected {expected}')

@@ -16,6 +16,7 @@ position, size; appearance: object and background colour, a fine stripe texture)
 import hashlib
 import json
 import math
+import multiprocessing as mp
 import os
 import sys
 import time
@@ -27,7 +28,12 @@ import torch.nn.functional as F
 
 DATASETS = ('shapes', 'folder', 'ffhq', 'celebahq', 'lsun_bedroom', 'lsun_cars')
 IMAGE_EXTS = ('.png', '.jpg', '.jpeg', '.webp', '.bmp', '.tif', '.tiff', '.ppm')
-MAX_BAD_FRACTION = 0.01     # stop when more than 1% of the files of a data set cannot be read
+MAX_BAD_FRACTION = 0.1      # stop when more than 10% of a folder's files cannot be read ...
+MIN_FILES_FOR_BAD_RULE = 100  # ... and it holds at least this many (a few bad files in a small folder are skipped)
+CACHE_VERSION = 2           # bump when the decoded pixels change (2: EXIF orientation applied)
+# worker processes: forked where the platform can (Linux), spawned elsewhere (Windows has no fork;
+# on macOS forking a process that has threads is unsafe)
+START_METHOD = 'fork' if 'fork' in mp.get_all_start_methods() and sys.platform != 'darwin' else 'spawn'
 
 # ---------------------------------------------------------------------------------------------
 # shapes: procedural scenes with known factors
@@ -198,10 +204,12 @@ def _to_uint8(img):
 
 
 def open_rgb(source):
-    """PIL image from a path or a file-like object, as 8-bit RGB (grayscale, RGBA, 16-bit, palette)."""
-    from PIL import Image
+    """PIL image from a path or a file-like object, as 8-bit RGB (grayscale, RGBA, 16-bit, palette),
+    turned upright by its EXIF orientation (phones store portraits sideways with a rotate tag)."""
+    from PIL import Image, ImageOps
     im = Image.open(source)
     im.load()
+    im = ImageOps.exif_transpose(im)
     if im.mode in ('I;16', 'I;16B', 'I;16L', 'I;16N', 'I', 'F'):      # 16-bit / 32-bit gray
         a = np.asarray(im, dtype=np.float64)
         top = 65535.0 if im.mode.startswith('I;16') or a.max() > 255 else 255.0
@@ -276,8 +284,10 @@ class FolderSource:
     """Images under a folder, cached once as uint8 arrays at every resolution 4..max_res.
 
     The cache (one memmap per resolution plus index.json) is built on first use with a progress line
-    and reused afterwards; unreadable files are skipped with a warning that names them, and more than
-    1% of them stops the build. `files` is the sorted list; `split` picks the indices to use.
+    and reused afterwards; unreadable files are skipped with a warning that names each, and the
+    build stops only when they are more than MAX_BAD_FRACTION of a folder of at least
+    MIN_FILES_FOR_BAD_RULE files. `files` is the sorted list; `split` picks the indices to use;
+    `skipped` lists the files that could not be read.
     """
     name = 'folder'
 
@@ -286,7 +296,7 @@ class FolderSource:
         self.resolutions = [4 * 2 ** i for i in range(int(math.log2(max_res)) - 1)]
         self.files = list_images(root)
         self.dir = _cache_dir(root, cache_dir)
-        self.valid = self._build_cache(num_workers, log)       # positions in `files` that decoded
+        self.valid, self.skipped = self._build_cache(num_workers, log)   # positions in `files` that decoded
         self.indices = np.arange(len(self.valid)) if indices is None else self._select(indices)
         self._maps = {}
 
@@ -304,12 +314,29 @@ class FolderSource:
         if os.path.exists(index_path):
             with open(index_path) as f:
                 index = json.load(f)
-            if index.get('files') == rel and all(os.path.exists(p) for p in paths.values()):
-                return index['valid']
-            log(f'cache in {self.dir} is stale (files or resolutions changed): rebuilding')
+            if (index.get('files') == rel and index.get('version') == CACHE_VERSION
+                    and all(os.path.exists(p) for p in paths.values())):
+                return index['valid'], index['skipped']
+            log(f'cache in {self.dir} is stale (files, resolutions or decoding changed): rebuilding')
         os.makedirs(self.dir, exist_ok=True)
+        tmp = {r: p + '.tmp.npy' for r, p in paths.items()}
+        try:
+            valid, bad = self._decode_into(tmp, rel, num_workers, log)
+            for r, p in paths.items():       # rows [0, len(valid)) hold the images that decoded
+                os.replace(tmp[r], p)
+            with open(index_path + '.tmp', 'w') as f:           # written last: it marks the cache complete
+                json.dump(dict(files=rel, valid=valid, skipped=bad, version=CACHE_VERSION), f)
+            os.replace(index_path + '.tmp', index_path)
+        finally:                             # an error or Ctrl-C leaves no temporary file behind
+            for path in [*tmp.values(), index_path + '.tmp']:
+                if os.path.exists(path):
+                    os.remove(path)
+        return valid, bad
+
+    def _decode_into(self, tmp, rel, num_workers, log):
+        """Decode every file into the memmaps `tmp`; returns (positions that decoded, skipped names)."""
         n = len(self.files)
-        maps = {r: np.lib.format.open_memmap(p + '.tmp.npy', 'w+', np.uint8, (n, 3, r, r)) for r, p in paths.items()}
+        maps = {r: np.lib.format.open_memmap(p, 'w+', np.uint8, (n, 3, r, r)) for r, p in tmp.items()}
         valid, bad = [], []
         items = [(f, self.resolutions) for f in self.files]
         t0 = last = time.time()
@@ -317,9 +344,9 @@ class FolderSource:
             if err is not None:
                 bad.append(rel[i])
                 warnings.warn(f'skipping unreadable image {self.files[i]} ({err}); {len(bad)} skipped so far')
-                if len(bad) > MAX_BAD_FRACTION * n:
+                if n >= MIN_FILES_FOR_BAD_RULE and len(bad) > MAX_BAD_FRACTION * n:
                     raise ValueError(f'more than {MAX_BAD_FRACTION:.0%} of the {n} images under {self.root} '
-                                     f'cannot be read ({len(bad)}, e.g. {bad[:3]}); fix or remove them')
+                                     f'cannot be read ({len(bad)} so far, e.g. {bad[:3]}); fix or remove them')
                 continue
             for r, a in zip(self.resolutions, arrays):
                 maps[r][len(valid)] = a
@@ -327,18 +354,15 @@ class FolderSource:
             if time.time() - last > 10:
                 last = time.time()
                 log(f'caching {self.root}: {i + 1}/{n} images, {(i + 1) / (last - t0):.0f} img/s')
+        for m in maps.values():
+            m.flush()
+        del maps
         if not valid:
             raise ValueError(f'none of the {n} images under {self.root} could be read')
-        for r, p in paths.items():       # rows [0, len(valid)) hold the images that decoded
-            maps[r].flush()
-            del maps[r]
-            os.replace(p + '.tmp.npy', p)
-        with open(index_path + '.tmp', 'w') as f:           # written last: it marks the cache complete
-            json.dump(dict(files=rel, valid=valid, skipped=bad), f)
-        os.replace(index_path + '.tmp', index_path)
         log(f'cached {len(valid)} images of {self.root} at {self.resolutions[0]}..{self.resolutions[-1]} px '
-            f'in {self.dir} ({time.time() - t0:.1f}s, {len(bad)} skipped)')
-        return valid
+            f'in {self.dir} ({time.time() - t0:.1f}s, {len(bad)} unreadable skipped'
+            + (f': {", ".join(bad[:5])}{" ..." if len(bad) > 5 else ""})' if bad else ')'))
+        return valid, bad
 
     def __len__(self):
         return len(self.indices)
@@ -356,12 +380,11 @@ class FolderSource:
 
 
 def _imap(fn, items, num_workers):
-    """map() in order, in a process pool when num_workers > 0."""
+    """map() in order, in a process pool (START_METHOD) when num_workers > 0."""
     if num_workers <= 0:
         yield from map(fn, items)
         return
-    import multiprocessing as mp
-    with mp.get_context('spawn' if sys.platform == 'darwin' else 'fork').Pool(num_workers) as pool:
+    with mp.get_context(START_METHOD).Pool(num_workers) as pool:
         yield from pool.imap(fn, items, chunksize=16)
 
 
@@ -404,8 +427,12 @@ class LmdbSource:
             raise ValueError(f'the lmdb at {self.path} holds no records')
         arr = np.array(keys, dtype=f'S{max(len(k) for k in keys)}')
         os.makedirs(os.path.dirname(cached), exist_ok=True)
-        np.save(cached + '.tmp.npy', arr)
-        os.replace(cached + '.tmp.npy', cached)
+        try:
+            np.save(cached + '.tmp.npy', arr)
+            os.replace(cached + '.tmp.npy', cached)
+        finally:
+            if os.path.exists(cached + '.tmp.npy'):
+                os.remove(cached + '.tmp.npy')
         return arr
 
     def __len__(self):
@@ -509,7 +536,8 @@ class ShardSampler(torch.utils.data.Sampler):
 
     def __init__(self, n, batch, rank=0, world=1, seed=0, start=0):
         if n < batch * world:
-            raise ValueError(f'{n} images are fewer than one global batch ({batch} x {world} processes)')
+            raise ValueError(f'{n} images are fewer than one global batch (--batch_size={batch} x {world} '
+                             f'process{"es" * (world > 1)}); pass --batch_size={max(1, n // world)} or less, or add images')
         self.n, self.batch, self.rank, self.world, self.seed, self.start = n, batch, rank, world, seed, start
 
     def permutation(self, epoch):
@@ -547,9 +575,13 @@ def make_loader(source, res, batch, rank=0, world=1, seed=0, start=0, num_worker
     sampler = ShardSampler(len(source), batch, rank, world, seed, start)
     if isinstance(source, ShapesSource):            # rendered in bulk, faster than any worker pool
         return (source.load_batch(idx, res) for idx in sampler)
+    # Its own generator: every iter(DataLoader) draws a worker base seed, which from the global
+    # generator would shift the layer noise's stream and make a resumed run differ from a straight one.
     loader = torch.utils.data.DataLoader(_AtResolution(source, res), batch_sampler=sampler,
                                          num_workers=num_workers, pin_memory=pin_memory,
-                                         prefetch_factor=4 if num_workers else None)
+                                         prefetch_factor=4 if num_workers else None,
+                                         generator=torch.Generator().manual_seed(seed),
+                                         multiprocessing_context=START_METHOD if num_workers else None)
     return iter(loader)
 
 

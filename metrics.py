@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 import data
 import model
-from configurator import configure
+from configurator import ANY, above, check, configure, integer, matches, one_of
 
 FID_URL = 'https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth'
 LPIPS_URLS = {'vgg': 'https://github.com/richzhang/PerceptualSimilarity/raw/master/lpips/weights/v0.1/vgg.pth',
@@ -547,6 +547,15 @@ seed = 0                    # latent draws
 device = 'auto'             # auto (cuda if available) | cpu | cuda
 CONFIG_KEYS = sorted(set(globals()) - _before - {'_before'})
 
+RULES = dict(
+    metric=matches(r'fid(\d+k?)?|fid_rec|lpips_rec|ppl|mix|invariance',
+                   'fid (fid50k, fid5k, ...), fid_rec, lpips_rec, ppl, mix or invariance'),
+    out_dir=ANY, ckpt=ANY, dataset=one_of('', *data.DATASETS), data_root=ANY, fid_count=integer(2),
+    rec_count=integer(2), ppl_count=integer(1), mix_count=integer(1), batch=integer(1), epsilon=above(0),
+    lpips_net=one_of('alex', 'vgg'), ppl_net=one_of('alex', 'vgg'), crop=one_of('auto', 'yes', 'no'),
+    inception=ANY, vgg_backbone=ANY, alex_backbone=ANY, lpips_vgg=ANY, lpips_alex=ANY, stats_dir=ANY,
+    seed=integer(0), device=ANY)
+
 
 def _count_name(n):
     return f'{n // 1000}k' if n % 1000 == 0 else str(n)
@@ -562,9 +571,10 @@ def held_out(saved, res):
 
 
 def main(cfg):
-    dev = 'cuda' if cfg['device'] == 'auto' and torch.cuda.is_available() else ('cpu' if cfg['device'] == 'auto' else cfg['device'])
+    check(cfg, RULES)
     path = cfg['ckpt'] or os.path.join(cfg['out_dir'], 'ckpt.pt')
     try:
+        dev = model.resolve_device(cfg['device'])
         net = model.load_checkpoint(path, device=dev)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f'error: {e}')

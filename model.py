@@ -512,18 +512,48 @@ def update_ema(ema, decoder, decay=0.999):
         pe.lerp_(p.detach(), 1 - decay)
 
 
+DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
+
+
+def resolve_device(name='auto', local_rank=0):
+    """'auto' | 'cpu' | 'cuda' | 'cuda:N' | 'mps' -> torch.device; ValueError naming the fix when the
+    machine has no such device. 'cuda' means this process's GPU under torchrun (LOCAL_RANK)."""
+    given = name
+    if name == 'auto':
+        name = 'cuda' if torch.cuda.is_available() else 'cpu'
+    if name == 'cuda':
+        name = f'cuda:{local_rank}'
+    if not isinstance(name, str) or not re.fullmatch(r'cpu|mps|cuda:\d+', name):
+        raise ValueError(f"--device={given!r} is not a device; use auto, cpu, cuda, cuda:N or mps")
+    if name.startswith('cuda'):
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if int(name[5:]) >= count:
+            why = ('this torch has no CUDA support' if torch.version.cuda is None else
+                   f'torch sees {count} CUDA device{"s" * (count != 1)}')
+            raise ValueError(f'--device={given} but {why}; use --device=cpu (or auto)')
+    if name == 'mps' and not (hasattr(torch.backends, 'mps') and torch.backends.mps.is_available()):
+        raise ValueError('--device=mps but this machine has no MPS device; use --device=cpu (or auto)')
+    return torch.device(name)
+
+
 def save_checkpoint(path, **state):
-    """torch.save to path.tmp, then an atomic rename: a crash never leaves a half-written file."""
+    """torch.save to path.tmp, then an atomic rename: a crash never leaves a half-written file,
+    and a failed write (disk full, Ctrl-C) leaves no .tmp behind."""
     tmp = f'{path}.tmp'
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def load_checkpoint(path, ema=True, device='cpu'):
     """Rebuild an Automodulator from a checkpoint, at the resolution and alpha it had reached.
 
     This repo's files hold `model_config` (a ModelConfig as a dict), `res`, `alpha`, `encoder`,
-    `decoder` and (from training) `decoder_ema`, used when ema=True and present. The authors'
+    `decoder` and (from training) `decoder_ema`, used when ema=True and present; training's numbered
+    snapshots hold the EMA decoder alone. The authors'
     `<samples>_state.pth` files are recognised by their keys and converted (`from_authors`); a
     released model can also be named ('ffhq256', ...: RELEASED). Returns the model in eval mode.
     """
@@ -539,7 +569,8 @@ def load_checkpoint(path, ema=True, device='cpu'):
         release = [r for r in RELEASED.values() if r[0] == os.path.basename(path)]
         model.config = {'dataset': release[0][4]} if release else {}
     else:
-        missing = [k for k in ('model_config', 'res', 'encoder', 'decoder') if not isinstance(ck, dict) or k not in ck]
+        missing = [k for k in ('model_config', 'res', 'encoder') if not isinstance(ck, dict) or k not in ck]
+        missing += [] if isinstance(ck, dict) and ('decoder' in ck or 'decoder_ema' in ck) else ['decoder']
         if missing:
             raise ValueError(f'{path} is not a checkpoint of this repo or of the authors\' code: missing '
                              f'{missing} (it has {sorted(ck)[:8] if isinstance(ck, dict) else type(ck).__name__})')
@@ -547,6 +578,8 @@ def load_checkpoint(path, ema=True, device='cpu'):
         cfg = ModelConfig(**{k: v for k, v in ck['model_config'].items() if k in names})
         model = Automodulator(cfg, res=ck['res'], alpha=ck.get('alpha', 1.0))
         model.encoder.load_state_dict(ck['encoder'])
+        if not ema and 'decoder' not in ck:
+            raise ValueError(f'{path} is a snapshot: it holds only the EMA decoder; load it with ema=True')
         model.decoder.load_state_dict(ck['decoder_ema'] if ema and 'decoder_ema' in ck else ck['decoder'])
         model.kimg, model.config = ck.get('kimg', 0.0), ck.get('config', {})
     model.path = path

@@ -25,7 +25,7 @@ from torchvision.utils import save_image
 
 import data
 import model
-from configurator import configure
+from configurator import ANY, check, configure, integer, matches, one_of
 
 _before = set(globals())
 mode = 'mix'                # mix | recon | random | cond | interp | invariance
@@ -46,6 +46,12 @@ singles = False             # also write every tile as its own PNG under out_dir
 out = ''                    # output file ('' = out_dir/<mode>_<detail>.png)
 device = 'auto'             # auto (cuda if available) | cpu | cuda
 CONFIG_KEYS = sorted(set(globals()) - _before - {'_before'})
+
+MODES = ('mix', 'recon', 'random', 'cond', 'interp', 'invariance')
+_BLOCKS = matches(r'coarse|intermediate|fine|\d*:\d*', "coarse, intermediate, fine or a:b (block indices)")
+RULES = dict(mode=one_of(*MODES), mix=_BLOCKS, cond=_BLOCKS, out_dir=ANY, ckpt=ANY, inputs=ANY, inputs_b=ANY,
+             n=integer(1), draws=integer(1), steps=integer(2), seed=integer(0), noise=ANY, ema=ANY,
+             zoom=integer(0), singles=ANY, out=ANY, device=ANY)
 
 
 # --------------------------------------------------------------------------------------------
@@ -170,16 +176,18 @@ def save_grid(rows, path, res, zoom=0):
 # --------------------------------------------------------------------------------------------
 
 def main(cfg):
+    check(cfg, RULES)
     path = cfg['ckpt'] or os.path.join(cfg['out_dir'], 'ckpt.pt')
-    dev = 'cuda' if cfg['device'] == 'auto' and torch.cuda.is_available() else ('cpu' if cfg['device'] == 'auto' else cfg['device'])
     try:
+        dev = model.resolve_device(cfg['device'])
         net = model.load_checkpoint(path, ema=cfg['ema'], device=dev)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f'error: {e}')
     saved, res, k, noise_on = net.config, net.res, cfg['n'], cfg['noise']
     want = {'mix': 2 * k, 'recon': k, 'cond': k, 'interp': 4, 'invariance': 2 * k}.get(cfg['mode'], 0)
-    if cfg['mode'] not in ('mix', 'recon', 'random', 'cond', 'interp', 'invariance'):
-        raise SystemExit(f"error: unknown --mode={cfg['mode']!r}; use mix, recon, random, cond, interp or invariance")
+    if cfg['mode'] == 'invariance' and used_blocks(net) <= model.INVARIANCE_K:
+        raise SystemExit(f'error: --mode=invariance swaps blocks 0-{model.INVARIANCE_K - 1} and needs blocks after '
+                         f'them: a checkpoint at 16x16 or more; {path} is at {res}x{res}')
     if want and not cfg['inputs'] and (net.input_crop or saved.get('dataset', 'shapes') != 'shapes' and not saved.get('data_root')):
         raise SystemExit(f'error: {path} records no images to use; pass --inputs=FOLDER (or comma-separated files)')
     if want:

@@ -883,17 +883,10 @@ TINY_TRAIN = dict(max_res=16, width=1 / 16, nz=32, phase_kimg={4: 0.032, 8: 0.06
                   batch_size={4: 8, 8: 8, 16: 8}, log_every=0.001, sample_every=0.064, ckpt_every=1.0)
 
 
-def train_config(out_dir, **over):
-    import train as T
-    cfg = {k: getattr(T, k) for k in T.CONFIG_KEYS}
-    cfg.update(T.PRESETS['shapes'])
-    cfg.update(TINY_TRAIN, out_dir=str(out_dir), **over)
-    return cfg
-
-
 def run_train(out_dir, **over):
+    """train.py with TINY_TRAIN and `over` given as on its command line; returns the checkpoint."""
     import train as T
-    T.main(train_config(out_dir, **over))
+    T.main(T.settings({**TINY_TRAIN, 'out_dir': str(out_dir), **over}))
     return torch.load(os.path.join(out_dir, 'ckpt.pt'), map_location='cpu', weights_only=True)
 
 
@@ -909,12 +902,12 @@ def _log(out_dir):
 def test_train_runs_grows_and_writes_checkpoint_and_grid(tmp_path):
     ck = run_train(tmp_path, total_kimg=0.12, beta1_dec=0.5)  # 15 steps: 4x4, 8x8 fading in, 16x16
     log = _log(tmp_path)
-    assert all(math.isfinite(r[k]) for r in log for k in ('E', 'D', 'kl_real', 'recon', 'dcos', 'layer'))
+    assert all(math.isfinite(r[k]) for r in log for k in ('loss_enc', 'loss_dec', 'kl_real', 'recon', 'dcos', 'layer'))
     assert [r['res'] for r in log] == [4] * 4 + [8] * 8 + [16] * 3
     alphas = [r['alpha'] for r in log if r['res'] == 8]
     assert alphas[0] == 0 and all(b > a for a, b in zip(alphas[:4], alphas[1:4])) and alphas[-1] == 1.0
     assert log[-1]['alpha'] < 1 and any(r['layer'] > 0 for r in log if r['res'] > 4)
-    assert ck['res'] == 16 and ck['samples'] == 120 and ck['step'] == 15
+    assert ck['res'] == 16 and ck['images_seen'] == 120 and ck['step'] == 15
     robust = L.AdaptiveRobustLoss(16)
     robust.load_state_dict(ck['robust'])
     assert robust.res == 16
@@ -958,14 +951,14 @@ def test_train_stops_on_non_finite_loss_and_keeps_checkpoint(tmp_path):
     run_train(tmp_path, total_kimg=0.016)
     before = (tmp_path / 'ckpt.pt').read_bytes()
     with pytest.raises(SystemExit, match=r'encoder loss is not finite at 0.016 kimg.*loss weights'):
-        run_train(tmp_path, total_kimg=0.032, init_from='resume', lambda_x_stable=float('nan'))
+        run_train(tmp_path, total_kimg=0.032, init_from='resume', lambda_x_stable=1e39)  # inf in float32
     assert (tmp_path / 'ckpt.pt').read_bytes() == before
 
 
 def test_train_fast_path_bf16_channels_last(tmp_path):
     ck = run_train(tmp_path, total_kimg=0.048, dtype='bfloat16', channels_last=True)
     log = _log(tmp_path)
-    assert ck['step'] == 6 and all(math.isfinite(r['E']) and math.isfinite(r['D']) for r in log)
+    assert ck['step'] == 6 and all(math.isfinite(r['loss_enc']) and math.isfinite(r['loss_dec']) for r in log)
     assert all(v.dtype == torch.float32 for v in ck['decoder'].values() if v.is_floating_point())
 
 
@@ -1019,7 +1012,7 @@ def test_torchrun_two_processes_match_one_with_double_batch(tmp_path):
     one = _cli(*_train_args(tmp_path / 'one', 8))
     assert one.returncode == 0, one.stderr[-3000:]
     first_two, first_one = _log(tmp_path / 'two')[0], _log(tmp_path / 'one')[0]
-    for k in ('E', 'D', 'kl_real', 'kl_fake', 'recon', 'kl_dec', 'dcos'):
+    for k in ('loss_enc', 'loss_dec', 'kl_real', 'kl_fake', 'recon', 'kl_dec', 'dcos'):
         assert abs(first_two[k] - first_one[k]) <= 1e-5 * max(1, abs(first_one[k])), (k, first_two[k], first_one[k])
 
 
@@ -1035,7 +1028,7 @@ def test_train_sigint_finishes_the_step_and_checkpoints(tmp_path):
     assert proc.returncode == 0, err[-2000:]
     assert 'stopped by SIGINT' in out
     ck = torch.load(tmp_path / 'ckpt.pt', map_location='cpu', weights_only=True)
-    assert ck['step'] >= 1 and ck['samples'] == 8 * ck['step']
+    assert ck['step'] >= 1 and ck['images_seen'] == 8 * ck['step']
 
 
 # ---------------------------------------------------------------------------------------------
