@@ -753,7 +753,7 @@ def test_folder_converts_awkward_images_and_skips_corrupt_ones(tmp_path):
     logs = []
     with pytest.warns(UserWarning, match=r'skipping unreadable image .*broken.png.*1 skipped'):
         src = D.make_source('folder', str(root), max_res=8, log=logs.append)
-    assert len(src) == 105 and any('1 skipped' in m for m in logs)
+    assert len(src) == 105 and src.skipped == ['broken.png'] and any('1 unreadable skipped: broken.png' in m for m in logs)
     by_name = {os.path.basename(src.files[v]): r for r, v in enumerate(src.valid)}
     gray = src.load(list(src.indices).index(by_name['gray.png']), 8)
     assert gray.shape == (3, 8, 8) and (gray == 100).all()
@@ -779,9 +779,71 @@ def test_folder_bad_input(tmp_path):
         D.make_source('folder', str(tmp_path / 'empty'))
     with pytest.raises(ValueError, match=r'unknown dataset .*shapes, folder, ffhq, celebahq, lsun_bedroom, lsun_cars'):
         D.make_source('imagenet')
-    _write_images(tmp_path / 'few', n_plain=5)                 # 1 corrupt in 11: more than 1%
-    with pytest.raises(ValueError, match=r'more than 1% .*broken.png'), pytest.warns(UserWarning):
-        D.make_source('folder', str(tmp_path / 'few'), max_res=8, cache_dir=str(tmp_path / 'c'))
+    _write_images(tmp_path / 'few', n_plain=5)                 # 1 corrupt in 11: skipped, small folder
+    with pytest.warns(UserWarning, match='broken.png'):
+        assert len(D.make_source('folder', str(tmp_path / 'few'), max_res=8, cache_dir=str(tmp_path / 'c'))) == 10
+    many = tmp_path / 'many'
+    _write_images(many, n_plain=100)
+    for k in range(11):                                        # 12 corrupt in 117: more than 10%
+        (many / f'zz_broken_{k}.png').write_bytes(b'junk')
+    with pytest.raises(ValueError, match=r'more than 10% of the 117 images .*cannot be read \(12 so far'), \
+            pytest.warns(UserWarning):
+        D.make_source('folder', str(many), max_res=8, cache_dir=str(tmp_path / 'c2'))
+    assert os.listdir(tmp_path / 'c2') == []                   # no temporary file left behind
+
+
+def test_folder_cache_build_interrupted_leaves_no_temporary_files(tmp_path, monkeypatch):
+    root = tmp_path / 'imgs'
+    _write_images(root, n_plain=20)
+    real, seen = D._decode_all, []
+
+    def interrupted(item):
+        seen.append(item)
+        if len(seen) == 10:
+            raise KeyboardInterrupt                            # Ctrl-C halfway through the cache
+        return real(item)
+    monkeypatch.setattr(D, '_decode_all', interrupted)
+    with pytest.raises(KeyboardInterrupt), pytest.warns(UserWarning):
+        D.make_source('folder', str(root), max_res=8)
+    assert os.listdir(root / '.automodulator_cache') == []
+    monkeypatch.setattr(D, '_decode_all', real)
+    with pytest.warns(UserWarning):
+        assert len(D.make_source('folder', str(root), max_res=8)) == 25
+
+
+def test_exif_orientation_is_applied_wherever_images_are_read(tmp_path):
+    from PIL import Image
+    import sample as S
+    im = np.zeros((10, 20, 3), dtype=np.uint8)                 # stored 20 wide, 10 high
+    im[:, :10] = (255, 0, 0)                                   # left half red, right half blue
+    im[:, 10:] = (0, 0, 255)
+    exif = Image.Exif()
+    exif[0x0112] = 6                                           # "rotate 90 CW to view": a phone portrait
+    path = tmp_path / 'portrait.png'
+    Image.fromarray(im).save(path, exif=exif)
+    up = D.open_rgb(path)
+    assert up.size == (10, 20)                                 # upright: 10 wide, 20 high
+    assert up.getpixel((5, 2)) == (255, 0, 0) and up.getpixel((5, 17)) == (0, 0, 255)   # red on top
+    x, _ = S.read_images(str(path), 8)
+    assert x.shape == (1, 3, 8, 8) and x[0, 0, 0].mean() > 0 > x[0, 0, 7].mean()   # centre crop: red rows on top
+    src = D.make_source('folder', str(tmp_path), max_res=8)
+    assert torch.equal(src.load(0, 8), ((x[0] + 1) * 127.5).round().to(torch.uint8))
+
+
+def test_worker_pools_spawn_where_fork_is_missing(tmp_path, monkeypatch):
+    import train as T
+    root = tmp_path / 'imgs'
+    _write_images(root, n_plain=6)
+    with pytest.warns(UserWarning):
+        plain = D.make_source('folder', str(root), max_res=8, cache_dir=str(tmp_path / 'a'))
+    monkeypatch.setattr(D, 'START_METHOD', 'spawn')                       # as on Windows
+    with pytest.warns(UserWarning):
+        spawned = D.make_source('folder', str(root), max_res=8, cache_dir=str(tmp_path / 'b'), num_workers=2)
+    assert torch.equal(plain.load_batch(range(len(plain)), 8), spawned.load_batch(range(len(spawned)), 8))
+    batch = next(D.make_loader(spawned, 8, batch=4, num_workers=1))
+    assert torch.equal(batch, spawned.load_batch(next(iter(D.ShardSampler(len(spawned), 4))), 8))
+    monkeypatch.setitem(sys.modules, 'resource', None)                    # no `resource` module (Windows)
+    assert T.memory_text(torch.device('cpu')) == ''
 
 
 def test_folder_split_and_loader_with_workers(tmp_path):
@@ -947,6 +1009,103 @@ def test_train_resume_is_bit_identical(tmp_path):
             assert all(torch.equal(v, resumed[key]['state'][pid][k]) for k, v in state.items())
 
 
+def _same_weights(a, b, keys=('encoder', 'decoder', 'decoder_ema', 'robust')):
+    return all(torch.equal(v, b[k][n]) for k in keys for n, v in a[k].items() if torch.is_tensor(v))
+
+
+def test_train_resume_on_a_folder_with_layer_noise_is_bit_identical(tmp_path):
+    from PIL import Image
+    root = tmp_path / 'imgs'
+    root.mkdir()
+    for k in range(40):
+        Image.new('RGB', (16, 16), (6 * k, 255 - 6 * k, 40)).save(root / f'{k:02d}.png')
+    run = dict(dataset='folder', data_root=str(root), noise='channel', num_workers=0)
+    straight = run_train(tmp_path / 'a', **run, total_kimg=0.112)        # 14 steps, across 4 -> 8
+    run_train(tmp_path / 'b', **run, total_kimg=0.056)
+    resumed = run_train(tmp_path / 'b', total_kimg=0.112, init_from='resume')   # the folder etc. from the file
+    assert resumed['config']['noise'] == 'channel' and resumed['config']['data_root'] == str(root)
+    assert _same_weights(straight, resumed)
+
+
+def test_train_resume_float16_keeps_the_loss_scale(tmp_path):
+    straight = run_train(tmp_path / 'a', dtype='float16', total_kimg=0.064)
+    run_train(tmp_path / 'b', dtype='float16', total_kimg=0.032)
+    resumed = run_train(tmp_path / 'b', total_kimg=0.064, init_from='resume')
+    for key in ('scaler_enc', 'scaler_dec'):
+        assert straight[key] and straight[key] == resumed[key], (straight[key], resumed[key])
+    assert _same_weights(straight, resumed)
+
+
+def test_train_resume_keeps_the_runs_settings_and_refuses_what_would_change_it(tmp_path, capsys):
+    import train as T
+    run_train(tmp_path, authors=False, lambda_j=5.0, invariance='flip', max_res=8, total_kimg=0.04)
+    ck = tmp_path / 'ckpt.pt'
+    resume = dict(out_dir=str(tmp_path), init_from='resume')          # as a user types it: nothing else
+    T.main(T.settings({**resume, 'total_kimg': 0.064, 'cache_dir': str(tmp_path / 'moved')}))
+    out = capsys.readouterr().out
+    assert 'resume: total_kimg 0.04 -> 0.064' in out and 'resume: cache_dir' in out
+    resumed = torch.load(ck, weights_only=True)
+    cfg = resumed['config']
+    assert (cfg['authors'], cfg['lambda_j'], cfg['invariance'], cfg['max_res'], cfg['nz']) == (False, 5.0, 'flip', 8, 32)
+    assert resumed['model_config']['extra_8x8'] and resumed['model_config']['residual'] is True
+    assert resumed['images_seen'] == 64
+    before = ck.read_bytes()
+    for given, message in ((dict(nz=64), r'--nz=64 but the checkpoint was trained with nz=32'),
+                           (dict(invariance=''), r"--invariance='' but .*invariance='flip'"),
+                           (dict(dataset='folder', data_root=str(tmp_path)), r"--dataset='folder'"),
+                           (dict(phase_kimg={4: 0.01, 8: 1}), r'at 0.064 kimg, 8x8 alpha 1.00; .* at 8x8 alpha 0.11'),
+                           (dict(total_kimg=0.05), r'--total_kimg=0.05 but the checkpoint is at 0.064 kimg')):
+        with pytest.raises(SystemExit, match=message) as e:
+            T.settings({**resume, **given})
+        assert '\n' not in str(e.value)
+    assert ck.read_bytes() == before
+
+
+def test_train_new_run_refuses_an_out_dir_that_holds_one(tmp_path):
+    import train as T
+    run_train(tmp_path, total_kimg=0.016)
+    files = {f: (tmp_path / f).read_bytes() for f in os.listdir(tmp_path)}
+    with pytest.raises(SystemExit, match=r'ckpt.pt holds a run already; continue it with --init_from=resume, '
+                                         r'or start a new one with --out_dir='):
+        T.settings({**TINY_TRAIN, 'out_dir': str(tmp_path)})
+    r = _cli('train.py', f'--out_dir={tmp_path}', '--max_res=16')
+    assert r.returncode != 0 and r.stderr.strip().count('\n') == 0 and '--init_from=resume' in r.stderr
+    assert {f: (tmp_path / f).read_bytes() for f in os.listdir(tmp_path)} == files
+
+
+def test_train_keeps_numbered_ema_snapshots_that_load_everywhere(tmp_path):
+    import metrics as MT
+    import sample as S
+    ck = run_train(tmp_path, total_kimg=0.12, snapshot_every=0.048)
+    snaps = sorted(f for f in os.listdir(tmp_path) if f.startswith('snapshot_'))
+    # phase ends at 32 and 96 images, every 48 kimg-thousandths, and the end of the run
+    assert snaps == [f'snapshot_{n:09d}.pt' for n in (32, 48, 96, 120)], snaps
+    last = tmp_path / snaps[-1]
+    net, full = M.load_checkpoint(str(last)), M.load_checkpoint(str(tmp_path / 'ckpt.pt'))
+    z = M.sample_prior(2, 32, generator=torch.Generator().manual_seed(0))
+    assert net.res == 16 and torch.equal(net.decode(z, noise=False), full.decode(z, noise=False))
+    assert M.load_checkpoint(str(tmp_path / snaps[0])).res == 4
+    with pytest.raises(ValueError, match='snapshot.*ema=True'):
+        M.load_checkpoint(str(last), ema=False)
+    cfg = {k: getattr(S, k) for k in S.CONFIG_KEYS}
+    assert os.path.exists(S.main({**cfg, 'ckpt': str(last), 'out_dir': str(tmp_path), 'mode': 'recon', 'n': 2}))
+    cfg = {k: getattr(MT, k) for k in MT.CONFIG_KEYS}
+    assert MT.main({**cfg, 'ckpt': str(last), 'out_dir': str(tmp_path), 'metric': 'mix', 'mix_count': 4,
+                    'batch': 4})['metric'] == 'mix4'
+    assert ck['images_seen'] == 120 and 'decoder' not in torch.load(last, weights_only=True)
+
+
+def test_train_refuses_a_folder_smaller_than_one_batch_naming_batch_size(tmp_path):
+    import train as T
+    root = tmp_path / 'imgs'
+    _write_images(root, n_plain=1)                             # 6 readable, 1 unreadable
+    with pytest.raises(SystemExit, match=r'--batch_size: 6 training images \(1 unreadable files skipped\) are '
+                                         r'fewer than one global batch at 4x4 \(8 x 1 process\); pass --batch_size=6'), \
+            pytest.warns(UserWarning):
+        T.main(T.settings({**TINY_TRAIN, 'out_dir': str(tmp_path / 'out'), 'dataset': 'folder', 'data_root': str(root)}))
+    assert not (tmp_path / 'out').exists()
+
+
 def test_train_stops_on_non_finite_loss_and_keeps_checkpoint(tmp_path):
     run_train(tmp_path, total_kimg=0.016)
     before = (tmp_path / 'ckpt.pt').read_bytes()
@@ -980,22 +1139,81 @@ def test_train_invariance_flip_trains_resumes_and_samples(tmp_path):
     assert _png(path).shape == (3, 3 * 66 + 2, 3 * 66 + 2)
 
 
-def test_train_presets_resolve(capsys):
+def test_train_presets_resolve(tmp_path, capsys):
     import train as T
     for name in T.PRESETS:
-        cfg = {k: getattr(T, k) for k in T.CONFIG_KEYS}
-        cfg.update(T.PRESETS[name], dry_run=True, dataset=name)
+        cfg = T.settings(dict(dataset=name, dry_run=True, data_root=str(tmp_path)))
         T.main(cfg)
         out = capsys.readouterr().out
         assert f"{cfg['max_res']}x{cfg['max_res']}" in out and 'end at' in out
-    assert 'margin 0.4' in out or T.PRESETS['celebahq']['margin'][256] == 0.4
+        if name == 'celebahq':                                    # the paper's CelebA-HQ margin at 256x256
+            assert re.search(r'256x256 .* margin 0.4\n', out), out
+    cfg = T.settings(dict(batch_size=8, lr=0.002))                # one number: every resolution
+    assert set(cfg['batch_size'].values()) == {8} and set(cfg['lr'].values()) == {0.002} and 32 in cfg['batch_size']
 
 
-def test_train_bad_overrides_exit_without_out_dir(tmp_path):
+def test_every_setting_of_every_script_has_a_rule():
+    import metrics as MT
+    import sample as S
+    import train as T
+    for script in (T, S, MT):
+        assert set(script.RULES) == set(script.CONFIG_KEYS), script.__name__
+
+
+TRAIN_BAD = [   # (what a user gives, what the one-line error must say)
+    (dict(dtype='fp16'), "--dtype='fp16' is not valid; expected one of 'float32', 'bfloat16', 'float16'"),
+    (dict(max_res=20), '--max_res=20 is not valid; expected a power of two in 4..1024'),
+    (dict(dataset='ffhq', max_res=1024, data_root=HERE), 'the presets go up to 512x512'),
+    (dict(fade=2.0), '--fade=2.0 is not valid; expected a number in [0, 1]'),
+    (dict(total_kimg=-1.0), 'expected a number >= 0'),
+    (dict(batch_size=0), 'expected a whole number >= 1 at every resolution (got 0 at 4x4)'),
+    (dict(lr={4: 0.1, 8: -1.0, 16: 0.1, 32: 0.1}), 'got -1.0 at 8x8'),
+    (dict(batch_size={4: 8}), '--batch_size has no entry for 8x8'),
+    (dict(dataset='folder', data_root=''), '--dataset=folder needs --data_root=PATH'),
+    (dict(dataset='folder', data_root='/no/such/folder'), "--data_root='/no/such/folder' does not exist"),
+    (dict(dataset='imagenet'), "--dataset='imagenet' is not valid; expected one of 'shapes', 'folder'"),
+    (dict(device='cuda:99'), '--device=cuda:99 but'),
+    (dict(device='tpu'), "--device='tpu' is not a device; use auto, cpu, cuda, cuda:N or mps"),
+    (dict(init_from='resum'), "expected one of 'scratch', 'resume'"),
+    (dict(invariance='flop'), "expected one of '', 'flip'"),
+    (dict(invariance='flip', batch_size=7), '--batch_size must be even, got 7 at 8x8'),
+    (dict(test_fraction=1.0), 'expected a number in [0, 1)'),
+    (dict(nz=1), '--nz=1 is not valid; expected a whole number >= 2'),
+    (dict(width=0.0), '--width=0.0 is not valid'),
+    (dict(mix_ratio=1.5), '--mix_ratio=1.5 is not valid'),
+    (dict(beta1=1.0), '--beta1=1.0 is not valid; expected a number in [0, 1)'),
+    (dict(log_every=0.0), '--log_every=0.0 is not valid; expected a number > 0'),
+    (dict(arch='huge'), "expected one of 'large', 'small'"),
+    (dict(max_resolution=64), "unknown setting 'max_resolution'"),
+]
+
+
+@pytest.mark.parametrize('given, message', TRAIN_BAD, ids=[next(iter(g)) for g, _ in TRAIN_BAD])
+def test_train_bad_values_stop_with_one_line_before_anything_runs(tmp_path, given, message):
+    import train as T
     out = tmp_path / 'never'
-    for bad, message in (('--max_res=big', 'max_res'), ('--max_reso=64', '--max_res'), ('--dataset=imagenet', 'shapes')):
+    with pytest.raises(SystemExit) as e:
+        T.settings({'out_dir': str(out), **given})
+    text = str(e.value)
+    assert text.startswith('error: ') and message in text and '\n' not in text, text
+    assert not out.exists()
+
+
+def test_train_wandb_missing_is_named_before_the_data_is_loaded(tmp_path, monkeypatch):
+    import importlib.util
+    import train as T
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, 'find_spec', lambda name, *a: None if name == 'wandb' else real(name, *a))
+    with pytest.raises(SystemExit, match='--wandb_log=True needs the wandb package: pip install wandb'):
+        T.settings(dict(out_dir=str(tmp_path / 'never'), wandb_log=True))
+
+
+def test_train_command_line_errors_exit_without_out_dir(tmp_path):
+    out = tmp_path / 'never'
+    for bad, message in (('--max_res=big', "--max_res='big' is not a valid int"),
+                         ('--max_reso=64', 'did you mean --max_res'), ('--fade=2', 'expected a number in [0, 1]')):
         r = _cli('train.py', f'--out_dir={out}', bad)
-        assert r.returncode != 0 and message in r.stderr, (bad, r.stderr)
+        assert r.returncode != 0 and message in r.stderr and r.stderr.strip().count('\n') == 0, (bad, r.stderr)
         assert not out.exists()
 
 
@@ -1077,23 +1295,44 @@ def test_sample_mix_cell_equals_the_per_block_mix(tiny_ckpt, tmp_path):
                                                  noise=False)[0], atol=1e-6)
 
 
+def _sample(**over):
+    import sample as S
+    return S.main({**{k: getattr(S, k) for k in S.CONFIG_KEYS}, **over})
+
+
+def _error_of(fn, **over):
+    with pytest.raises(SystemExit) as e:
+        fn(**over)
+    text = str(e.value)
+    assert text.startswith('error: ') and '\n' not in text, text
+    return text
+
+
 def test_sample_bad_input(tiny_ckpt, tmp_path):
-    r = _cli('sample.py', '--mix', '0:0', f'--out_dir={tiny_ckpt}')
-    assert r.returncode != 0 and 'coarse (0:2)' in r.stderr and "'0:0'" in r.stderr
-    r = _cli('sample.py', '--mix', 'fine', f'--out_dir={tiny_ckpt}')       # a 16x16 model has no 64+ blocks
-    assert r.returncode != 0 and 'intermediate (2:4)' in r.stderr
-    r = _cli('sample.py', f'--out_dir={tmp_path}')
-    assert r.returncode != 0 and str(tmp_path / 'ckpt.pt') in r.stderr and 'python train.py' in r.stderr
     from PIL import Image
+    run = dict(out_dir=str(tiny_ckpt))
+    assert "'0:0'" in _error_of(_sample, **run, mix='0:0') and 'coarse (0:2)' in _error_of(_sample, **run, mix='0:0')
+    assert 'intermediate (2:4)' in _error_of(_sample, **run, mix='fine')     # a 16x16 model has no 64+ blocks
+    assert "--mix='big' is not valid; expected coarse, intermediate, fine or a:b" in _error_of(_sample, **run, mix='big')
+    assert "--mode='mixx' is not valid; expected one of 'mix', 'recon'" in _error_of(_sample, **run, mode='mixx')
+    assert '--n=0 is not valid; expected a whole number >= 1' in _error_of(_sample, **run, n=0)
+    assert "--device='tpu' is not a device" in _error_of(_sample, **run, device='tpu')
+    text = _error_of(_sample, out_dir=str(tmp_path))
+    assert str(tmp_path / 'ckpt.pt') in text and 'python train.py' in text
+    small = tmp_path / 'small'
+    run_train(small, total_kimg=0.016)                                       # a 4x4 checkpoint
+    text = _error_of(_sample, out_dir=str(small), mode='invariance')
+    assert 'needs blocks after them: a checkpoint at 16x16 or more' in text and '4x4' in text
     inputs = tmp_path / 'inputs'
     inputs.mkdir()
     (inputs / 'bad.png').write_bytes(b'junk')
     Image.new('RGB', (20, 30), (200, 10, 10)).save(inputs / 'ok.png')
-    r = _cli('sample.py', '--mode=recon', f'--out_dir={tiny_ckpt}', f'--inputs={inputs}', f'--out={tmp_path}/r.png')
-    assert r.returncode == 0 and 'bad.png' in r.stderr and _png(tmp_path / 'r.png').shape == (3, 2 * 66 + 2, 66 + 2)
+    with pytest.warns(UserWarning, match='bad.png'):
+        _sample(**run, mode='recon', inputs=str(inputs), out=str(tmp_path / 'r.png'))
+    assert _png(tmp_path / 'r.png').shape == (3, 2 * 66 + 2, 66 + 2)
     (inputs / 'ok.png').unlink()
-    r = _cli('sample.py', '--mode=recon', f'--out_dir={tiny_ckpt}', f'--inputs={inputs}')
-    assert r.returncode != 0 and 'none of the inputs' in r.stderr
+    with pytest.warns(UserWarning):
+        assert 'none of the inputs' in _error_of(_sample, **run, mode='recon', inputs=str(inputs))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1207,6 +1446,19 @@ def test_metrics_on_a_tiny_checkpoint(tiny_ckpt, tmp_path):
     assert same['pixels']['l1_to_own'] == 0 and same['pixels']['closer_to_mirrored'] == 0 and same['swap']['y'] == same['recon']['y']
 
 
+def test_metrics_bad_input(tiny_ckpt):
+    import metrics as MT
+
+    def measure(**over):
+        return MT.main({**{k: getattr(MT, k) for k in MT.CONFIG_KEYS}, 'out_dir': str(tiny_ckpt), **over})
+    assert "--metric='fidd' is not valid; expected fid (fid50k, fid5k, ...), fid_rec" in _error_of(measure, metric='fidd')
+    assert '--batch=0 is not valid' in _error_of(measure, batch=0)
+    assert "--lpips_net='squeeze' is not valid; expected one of 'alex', 'vgg'" in _error_of(measure, lpips_net='squeeze')
+    assert "--crop='maybe' is not valid" in _error_of(measure, crop='maybe')
+    assert "--dataset='imagenet' is not valid" in _error_of(measure, dataset='imagenet')
+    assert '--epsilon=0.0 is not valid; expected a number > 0' in _error_of(measure, epsilon=0.0)
+
+
 # ---------------------------------------------------------------------------------------------
 # bench.py
 
@@ -1241,6 +1493,11 @@ def test_configurator_both_forms_and_types():
         assert g['compile'] is want
     configurator.configure(g, keys, ['--compile', '--max_res', '128'])    # bare flag means True
     assert g['compile'] is True and g['max_res'] == 128
+    g['table'] = {4: 128, 8: 64}                                             # a per-resolution setting ...
+    configurator.configure(g, keys + ['table'], ['--table=8'])               # ... takes one number for all
+    assert g['table'] == {4: 8, 8: 8}
+    configurator.configure(g, keys + ['table'], ['--table={4: 2, 8: 1}'])
+    assert g['table'] == {4: 2, 8: 1}
 
 
 def test_configurator_rejects_unknown_and_badly_typed(capsys):

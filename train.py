@@ -117,7 +117,7 @@ PRESETS = {
 
 # What each setting may be; `settings` checks all of them before anything runs.
 RULES = dict(
-    dataset=one_of(*PRESETS), data_root=ANY, cache_dir=ANY, test_fraction=between(0, 1, open_hi=True),
+    dataset=one_of(*data.DATASETS), data_root=ANY, cache_dir=ANY, test_fraction=between(0, 1, open_hi=True),
     num_workers=integer(0),
     max_res=power_of_two(4, 1024), arch=one_of(*model.WIDTHS), width=between(1 / 64, 4), nz=integer(2),
     noise=one_of('channel', 'shared', 'none'), authors=ANY, extra_kl=ANY, upper_clamp=ANY,
@@ -211,7 +211,7 @@ def resumed_settings(ck, given, say=print):
     checkpoint is (FIXED_ON_RESUME) or of where it stands in the schedule refused."""
     saved = {k: v for k, v in ck['config'].items() if k in CONFIG_KEYS}
     saved = {**DEFAULTS, **PRESETS[saved['dataset']], **saved}     # settings newer than the file: defaults
-    cfg = dict(saved)
+    cfg, changes = dict(saved), []
     for key, new in given.items():
         old = cfg[key]
         if key in ('init_from', 'out_dir', 'dry_run') or new == old:
@@ -219,16 +219,18 @@ def resumed_settings(ck, given, say=print):
         if key in FIXED_ON_RESUME:
             _fail(f'--{key}={new!r} but the checkpoint was trained with {key}={old!r}, and a resumed run keeps '
                   f'it; drop --{key}, or start a new run with --init_from=scratch --out_dir=ANOTHER_DIR')
-        say(f'resume: {key} {old!r} -> {new!r}')
+        changes.append(f'resume: {key} {old!r} -> {new!r}')
         cfg[key] = new
     kimg = images_seen_of(ck) / 1000
     where = [schedule(kimg, phase_table(c['max_res'], c['phase_kimg'])[0], c['fade'])[1:3] for c in (saved, cfg)]
     if where[0] != where[1]:
-        _fail(f'the checkpoint is at {kimg:.1f} kimg, {where[0][0]}x{where[0][0]} alpha {where[0][1]:.2f}; the new '
+        _fail(f'the checkpoint is at {kimg:g} kimg, {where[0][0]}x{where[0][0]} alpha {where[0][1]:.2f}; the new '
               f'--phase_kimg/--fade put that point at {where[1][0]}x{where[1][0]} alpha {where[1][1]:.2f}; change only '
               f'phases that have not started')
     if 0 < cfg['total_kimg'] <= kimg:
-        _fail(f'--total_kimg={cfg["total_kimg"]} but the checkpoint is at {kimg:.1f} kimg; give a larger --total_kimg')
+        _fail(f'--total_kimg={cfg["total_kimg"]:g} but the checkpoint is at {kimg:g} kimg; give a larger --total_kimg')
+    for line in changes:
+        say(line)
     return cfg
 
 
