@@ -3,7 +3,7 @@
 Every source hands out uint8 images (3, res, res) at the phase resolution; `prepare_batch` turns a
 batch into the float [-1, 1] training input on the device: random horizontal flips, and during a
 fade-in the blend x = alpha x + (1 - alpha) up2(down2(x)) that matches the decoder's fade (paper
-Sec. 3.1; the authors blend real images the same way, reference doc section 4).
+Sec. 3.1; the authors' folder loaders in pioneer/data.py blend real images the same way).
 
 Folders are decoded once into a per-resolution cache of uint8 arrays (numpy memmaps), so a 4x4
 phase never decodes 1024 px PNGs and a DataLoader worker never meets a corrupt file. LSUN is read

@@ -6,6 +6,7 @@ The authors' code (pioneer/train.py) differs from Eq. 6 in places; each such cho
 switch here, off by default (README lists them).
 
 Weights are in the paper's units (KL weight 1); the authors' code uses one tenth of every weight.
+Their values are train.py's settings (paper A.1), passed in by the caller.
 """
 import functools
 import math
@@ -18,12 +19,6 @@ import torch.nn.functional as F
 
 from model import sample_prior, level
 
-# Paper A.1 / Eq. 6 defaults; train.py exposes them as globals.
-LAMBDA_X_FADE = 2.0     # lambda_X while a new level fades in (authors: 0.2 = 2 paper units)
-LAMBDA_X_STABLE = 3.0   # ... and in the stable half of each phase (authors: 0.2 * 1.5)
-LAMBDA_Z = 2.0          # latent cosine reconstruction (authors: 100/512 of mean(2 - 2cos) ~ 0.195)
-LAMBDA_J = 10.0         # layer-specific loss L_j (authors: MSE with weight 1 in their units)
-MIX_RATIO = 0.25        # Eq. 6: a 3:4 split of regular and mixed samples (authors: 0.5 in the D step)
 
 # ---------------------------------------------------------------------------------------------
 # Barron's general loss rho(x, alpha, c) and its distribution
@@ -230,7 +225,7 @@ def kl_latent(z):
 def margin_kl(kl_real, kl_fake, margin, upper_clamp=False):
     """Eq. 6's adversarial term max(-M_gap, KL_real - KL_fake); margin=None means no clamp at all.
 
-    upper_clamp: the authors' code also clamps from above at M_gap / 2 (reference doc 2.2).
+    upper_clamp: the authors' code also clamps from above at M_gap / 2 (pioneer/train.py, `encoder_train`).
     """
     diff = kl_real - kl_fake
     if margin is None:
@@ -251,7 +246,7 @@ class Fakes(NamedTuple):
     j: int                          # split: z_a on blocks [0, j), z_b on [j, ...); 0 = no mixing
 
 
-def fake_batch(decoder, n, res, alpha, mix_ratio=MIX_RATIO, generator=None, noise=True, rank=0, world=1):
+def fake_batch(decoder, n, res, alpha, mix_ratio, generator=None, noise=True, rank=0, world=1):
     """x_hat of Eq. 6: (1 - mix_ratio) of the batch decoded from z ~ prior, the rest mixed with
     z_A, z_B ~ prior and j ~ U{1, ..., n_current - 1} drawn once per batch (canvases differ in size
     per j). At 4x4 there is a single block and nothing to mix.
@@ -291,13 +286,13 @@ def _same(z):
     return z
 
 
-def encoder_loss(encoder, decoder, robust, x, fakes, res, alpha, margin, lambda_x=LAMBDA_X_STABLE,
+def encoder_loss(encoder, decoder, robust, x, fakes, res, alpha, margin, lambda_x,
                  extra_kl=False, upper_clamp=False, gather=_same, invariance_k=0):
     """L_phi of Eq. 6: max(-M_gap, KL(phi(x)) - KL(phi(x_hat))) + lambda_X d_rho(x, theta(phi(x))).
 
     fakes: images x_hat (made under no_grad). The decoder's parameters should be frozen by the
     caller; the reconstruction gradient flows through it into the encoder and the robust loss.
-    extra_kl: the authors' code adds KL(phi(x)) once more, outside the clamp (reference doc 2.2).
+    extra_kl: the authors' code adds KL(phi(x)) once more, outside the clamp (pioneer/train.py, `encoder_train`).
     invariance_k: x is (x1, flip(x1)) pairs, first half and second half; add L_inv + L'_inv of
     Eq. 10-11 with the split after block k (Sec. 3.3: added to L_phi). Their weight is lambda_X:
     with z1 = z2 they reduce to the reconstruction term, which they generalize (paper silent).
@@ -318,8 +313,7 @@ def encoder_loss(encoder, decoder, robust, x, fakes, res, alpha, margin, lambda_
     return loss, {k: v.detach() for k, v in parts.items()}
 
 
-def decoder_loss(encoder, decoder, n, res, alpha, mix_ratio=MIX_RATIO, lambda_z=LAMBDA_Z,
-                 lambda_j=LAMBDA_J, generator=None, noise=True, rank=0, world=1, gather=_same,
+def decoder_loss(encoder, decoder, n, res, alpha, mix_ratio, lambda_z, lambda_j, generator=None, noise=True, rank=0, world=1, gather=_same,
                  x=None, robust=None, lambda_x=0.0):
     """L_theta of Eq. 6: KL(phi(x_hat)) + lambda_Z d_cos(z, phi(theta(z))) + lambda_j L_j.
 

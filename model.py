@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.parametrizations import spectral_norm
 
-# Channels per resolution, from the authors' code (reference doc 1.2-1.3). The encoder uses the
+# Channels per resolution, from the authors' pioneer/model.py (Generator, Discriminator). The encoder uses the
 # 'small' table for every data set; the 'large' decoder doubles the widths from 64x64 up.
 WIDTHS = {
     'large': {4: 512, 8: 512, 16: 512, 32: 512, 64: 512, 128: 256, 256: 128, 512: 64, 1024: 32},
@@ -587,7 +587,7 @@ def load_checkpoint(path, ema=True, device='cpu'):
 
 
 # ---------------------------------------------------------------------------------------------
-# The authors' released models (Zenodo record 4298894; reference doc section 7)
+# The authors' released models (Zenodo record 4298894, loaded by their hubconf.py)
 
 ZENODO = 'https://zenodo.org/record/4298894/files/{}?download=1'
 # name: (file, resolution, decoder widths, crop of their input transform, our data set name)
@@ -750,7 +750,7 @@ def count(params):
 
 
 if __name__ == '__main__':
-    # Parameter counts at 256x256 against the authors' measured ones (reference doc 1.5)
+    # Parameter counts at 256x256 against those of the authors' models, instantiated from pioneer/model.py
     authors = {'large': (28_971_907, 25_360_384), 'small': (23_442_627, 25_360_384)}
     for arch in ('large', 'small'):
         for name, extra in (('paper', {}), ('authors', AUTHORS)):

@@ -206,7 +206,7 @@ def test_used_parameters_are_exactly_those_with_gradients(extra_8x8):
 
 
 def test_large_preset_parameter_counts():
-    # authors' measured counts at 256 (reference doc 1.5); no forward pass, construction only
+    # the authors' models' counts at 256 (pioneer/model.py, instantiated); construction only
     for extra, tol in ((M.AUTHORS, 1e-9), ({}, 0.15)):
         m = M.Automodulator(M.ModelConfig(arch='large', **extra))
         dec, enc = M.count(m.decoder.used_parameters(256)), M.count(m.encoder.used_parameters(256))
@@ -288,12 +288,12 @@ def test_checkpoint_roundtrip_uses_ema_decoder(tmp_path):
         M.load_checkpoint(str(tmp_path / 'nope.pt'))
 
 
-# The authors' checkpoint files (reference doc 7 and original-checkpoint-layout-*.txt)
+# The authors' checkpoint files (<samples>_state.pth of Zenodo record 4298894, as pioneer/train.py saves them)
 
 def authors_layout(arch):
     """key -> shape of G_state_dict (and G_running_state_dict) and D_state_dict in an authors'
-    `<samples>_state.pth`, in file order, and the SNU shapes. Checked once by hand against
-    ../shared/reference/original-checkpoint-layout-{large,small}.txt: same keys, order and shapes."""
+    `<samples>_state.pth`, in file order, and the SNU shapes: the keys, order and shapes of the
+    released ffhq256 (large) and celebahq256 (small) files, listed with torch.load."""
     c = [512, 512, 512, 512] + [w * (2 if arch == 'large' else 1) for w in (256, 128, 64, 32, 16)]
     g = {'label_embed.weight': (1, 1)}
     for k, ch in enumerate([c[0]] + [c[i] for i in range(1, 9) for _ in range(2)]):
@@ -367,7 +367,7 @@ def write_authors_checkpoint(path, arch='large', phase=2, alpha=-1, drop=(), ext
 
 
 def _authors_decode(g, z, n):
-    """Their Generator in eval mode with layer noise off, written from reference doc 1.2."""
+    """Their Generator (pioneer/model.py) in eval mode with layer noise off, written from its forward."""
     def adain(x, lin):
         a = F.linear(z, g[f'{lin}.mod.weight'], g[f'{lin}.mod.bias'])[:, :, None, None]
         c = x.shape[1]
@@ -389,7 +389,7 @@ def _authors_decode(g, z, n):
 
 
 def _authors_encode(d, snu, x, n):
-    """Their Discriminator (binary_predictor=False) in eval mode, with frozen SN u (reference doc 1.3)."""
+    """Their Discriminator (pioneer/model.py, binary_predictor=False) in eval mode, with frozen SN u."""
     def sn_conv(h, p, u, pad):
         w = d[f'{p}.weight_orig']
         mat = w.reshape(len(w), -1)
@@ -622,7 +622,7 @@ def test_fake_batch_split_and_layer_loss():
     assert f.images.shape == (8, 3, 32, 32) and f.z.shape == (6, 32) and f.z_a.shape == (2, 32)
     assert 1 <= f.j <= 3 and torch.equal(m.decoder.canvas(f.z_a, f.j, noise=False), f.canvas)
     assert torch.equal(f.images[:6], m.decoder(f.z, 32, noise=False))
-    assert L.fake_batch(m.decoder, 8, 4, 1.0).j == 0                      # one block: nothing to mix
+    assert L.fake_batch(m.decoder, 8, 4, 1.0, 0.25).j == 0                      # one block: nothing to mix
     # L_j is exactly 0 when the re-encoded code equals z_A ...
     assert L.layer_loss(m.decoder, f.z_a, f.canvas, f.j, noise=False).item() == 0.0
     # ... and otherwise its gradient reaches the coarse blocks of the decoder
@@ -637,14 +637,14 @@ def test_encoder_and_decoder_losses_backpropagate():
     robust = L.AdaptiveRobustLoss(max_res=64, res=16)
     x = torch.rand(6, 3, 16, 16) * 2 - 1
     with torch.no_grad():
-        fakes = L.fake_batch(m.decoder, 6, 16, 0.5).images
-    loss, parts = L.encoder_loss(m.encoder, m.decoder, robust, x, fakes, 16, 0.5, margin=0.5)
+        fakes = L.fake_batch(m.decoder, 6, 16, 0.5, 0.25).images
+    loss, parts = L.encoder_loss(m.encoder, m.decoder, robust, x, fakes, 16, 0.5, margin=0.5, lambda_x=3.0)
     loss.backward()
     assert torch.isfinite(loss) and set(parts) == {'kl_real', 'kl_fake', 'recon'}
     assert m.encoder.blocks[0].conv2.parametrizations.weight.original.grad.abs().sum() > 0
     assert robust.alpha_latent[2].grad.abs().sum() > 0 and robust.alpha_latent[1].grad is None
     m.zero_grad()
-    loss, parts = L.decoder_loss(m.encoder, m.decoder, 8, 16, 1.0, generator=torch.Generator().manual_seed(0))
+    loss, parts = L.decoder_loss(m.encoder, m.decoder, 8, 16, 1.0, 0.25, 2.0, 10.0, torch.Generator().manual_seed(0))
     loss.backward()
     assert torch.isfinite(loss) and parts['j'] in (1, 2) and parts['layer'] > 0
     assert m.decoder.blocks[2].layers[1].conv.weight.grad.abs().sum() > 0
@@ -657,7 +657,7 @@ def test_decoder_reconstruction_switch_adds_exactly_its_term():
     x = torch.rand(6, 3, 16, 16) * 2 - 1
 
     def loss_with(**kw):          # the same fakes each time: same generator, no layer noise
-        return L.decoder_loss(m.encoder, m.decoder, 8, 16, 1.0, generator=torch.Generator().manual_seed(0),
+        return L.decoder_loss(m.encoder, m.decoder, 8, 16, 1.0, 0.25, 2.0, 10.0, torch.Generator().manual_seed(0),
                               noise=False, **kw)
     base, _ = loss_with()
     loss, parts = loss_with(x=x, robust=robust, lambda_x=3.0)
@@ -705,11 +705,11 @@ def test_extra_8x8_block_for_the_invariance_split():
     robust = L.AdaptiveRobustLoss(max_res=64, res=16)
     x = D.prepare_batch(D.ShapesSource('train').load_batch(list(range(4)), 16), pairs=True, flip=False)
     fakes = d(M.sample_prior(4, 32), 16, noise=False).detach()
-    base, _ = L.encoder_loss(m.encoder, d, robust, x, fakes, 16, 1.0, 0.5)
-    loss, parts = L.encoder_loss(m.encoder, d, robust, x, fakes, 16, 1.0, 0.5, invariance_k=2)
+    base, _ = L.encoder_loss(m.encoder, d, robust, x, fakes, 16, 1.0, 0.5, 3.0)
+    loss, parts = L.encoder_loss(m.encoder, d, robust, x, fakes, 16, 1.0, 0.5, 3.0, invariance_k=2)
     z = m.encoder(x, 16)
     inv = L.invariance_loss(d, robust, x[:2], x[2:], z[:2], z[2:], 2, 16, 1.0)
-    assert torch.allclose(parts['inv'], inv) and torch.allclose(loss, base + L.LAMBDA_X_STABLE * inv)
+    assert torch.allclose(parts['inv'], inv) and torch.allclose(loss, base + 3.0 * inv)
     loss.backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in m.encoder.used_parameters(16))
 
