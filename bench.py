@@ -20,7 +20,6 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import data
-import losses
 import model
 import train
 from configurator import configure

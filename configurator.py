@@ -186,7 +186,7 @@ class per_resolution(Rule):
 
     def problem(self, value):
         if not isinstance(value, dict):
-            return f'one number or a dict {{resolution: value}}'
+            return 'one number or a dict {resolution: value}'
         for r, x in value.items():
             if not power_of_two(4, 1024).ok(r):
                 return f'resolutions that are powers of two in 4..1024 (got {r!r})'

@@ -20,7 +20,6 @@ import json
 import math
 import os
 import signal
-import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict
@@ -32,7 +31,7 @@ from torchvision.utils import save_image
 import data
 import losses
 import model
-from configurator import (ANY, above, at_least, between, check, configure, integer, one_of, per_resolution,
+from configurator import (ANY, Rule, above, at_least, between, check, configure, integer, one_of, per_resolution,
                           power_of_two)
 
 # --------------------------------------------------------------------------------------------
@@ -123,7 +122,8 @@ RULES = dict(
     noise=one_of('channel', 'shared', 'none'), authors=ANY, extra_kl=ANY, upper_clamp=ANY,
     invariance=one_of('', 'flip'),
     phase_kimg=per_resolution(above(0)), fade=between(0, 1), total_kimg=at_least(0),
-    batch_size=per_resolution(integer(1)), lr=per_resolution(above(0)), margin=per_resolution(at_least(0)),
+    batch_size=per_resolution(integer(1)), lr=per_resolution(above(0)),
+    margin=per_resolution(Rule('a number >= 0, or None for no clamp', lambda m: m is None or at_least(0).ok(m))),
     lambda_x_fade=at_least(0), lambda_x_stable=at_least(0), lambda_z=at_least(0), lambda_j=at_least(0),
     lambda_x_dec=at_least(0), beta1=between(0, 1, open_hi=True), beta1_dec=between(0, 1, open_hi=True),
     mix_ratio=between(0, 1), ema_decay=between(0, 1),
