@@ -486,6 +486,23 @@ def test_released_models_resolve_through_the_hub_cache(tmp_path, monkeypatch):
     assert len(calls) == 1
 
 
+def test_hubconf_loads_what_load_checkpoint_loads(tmp_path, monkeypatch, tiny_ckpt):
+    monkeypatch.setattr(torch.hub, 'get_dir', lambda: str(tmp_path / 'hub'))
+    (tmp_path / 'hub' / 'checkpoints').mkdir(parents=True)
+    write_authors_checkpoint(str(tmp_path / 'hub' / 'checkpoints' / '34740000_state.pth'), phase=1)
+    z = M.sample_prior(2, 512, generator=torch.Generator().manual_seed(0))
+    net = torch.hub.load(HERE, 'ffhq256', source='local')
+    want = M.load_checkpoint('ffhq256')
+    assert net.res == want.res == 8 and torch.equal(net.decode(z, noise=False), want.decode(z, noise=False))
+    ours = torch.hub.load(HERE, 'automodulator', source='local', checkpoint=str(tiny_ckpt / 'ckpt.pt'))
+    x = torch.zeros(1, 3, 16, 16)
+    assert torch.equal(ours.encode(x), M.load_checkpoint(str(tiny_ckpt / 'ckpt.pt')).encode(x))
+    import hubconf
+    entries = {n for n in dir(hubconf) if callable(getattr(hubconf, n)) and not n.startswith('_')}
+    assert entries == {'automodulator', *M.RELEASED} and hubconf.dependencies == ['torch', 'torchvision', 'numpy', 'scipy']
+    assert 'FFHQ model at 256x256' in hubconf.ffhq256.__doc__            # what torch.hub.help prints
+
+
 def test_sample_and_metrics_take_an_authors_checkpoint(tmp_path):
     import sample as S
     from PIL import Image
