@@ -18,6 +18,7 @@ import json
 import math
 import multiprocessing as mp
 import os
+import signal
 import sys
 import time
 import warnings
@@ -379,12 +380,19 @@ class FolderSource:
         return {**self.__dict__, '_maps': {}}
 
 
+def _worker_signals(*_):
+    """In a worker process: Ctrl-C is the parent's to handle, SIGTERM ends the worker (a forked worker
+    would otherwise inherit the training loop's handlers and outlive its pool)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def _imap(fn, items, num_workers):
     """map() in order, in a process pool (START_METHOD) when num_workers > 0."""
     if num_workers <= 0:
         yield from map(fn, items)
         return
-    with mp.get_context(START_METHOD).Pool(num_workers) as pool:
+    with mp.get_context(START_METHOD).Pool(num_workers, initializer=_worker_signals) as pool:
         yield from pool.imap(fn, items, chunksize=16)
 
 
@@ -581,7 +589,8 @@ def make_loader(source, res, batch, rank=0, world=1, seed=0, start=0, num_worker
                                          num_workers=num_workers, pin_memory=pin_memory,
                                          prefetch_factor=4 if num_workers else None,
                                          generator=torch.Generator().manual_seed(seed),
-                                         multiprocessing_context=START_METHOD if num_workers else None)
+                                         multiprocessing_context=START_METHOD if num_workers else None,
+                                         worker_init_fn=_worker_signals if num_workers else None)
     return iter(loader)
 
 

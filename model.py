@@ -548,12 +548,12 @@ def save_checkpoint(path, **state):
             os.remove(tmp)
 
 
-def load_checkpoint(path, ema=True, device='cpu'):
+def load_checkpoint(path, ema=True, device='cpu', live_if_missing=False):
     """Rebuild an Automodulator from a checkpoint, at the resolution and alpha it had reached.
 
     This repo's files hold `model_config` (a ModelConfig as a dict), `res`, `alpha`, `encoder`,
     `decoder` and (from training) `decoder_ema`, used when ema=True and present; training's numbered
-    snapshots hold the EMA decoder alone. The authors'
+    snapshots hold the EMA decoder alone (live_if_missing=True takes it where ema=False asks for the other). The authors'
     `<samples>_state.pth` files are recognised by their keys and converted (`from_authors`); a
     released model can also be named ('ffhq256', ...: RELEASED). Returns the model in eval mode.
     """
@@ -578,9 +578,9 @@ def load_checkpoint(path, ema=True, device='cpu'):
         cfg = ModelConfig(**{k: v for k, v in ck['model_config'].items() if k in names})
         model = Automodulator(cfg, res=ck['res'], alpha=ck.get('alpha', 1.0))
         model.encoder.load_state_dict(ck['encoder'])
-        if not ema and 'decoder' not in ck:
+        if not ema and 'decoder' not in ck and not live_if_missing:
             raise ValueError(f'{path} is a snapshot: it holds only the EMA decoder; load it with ema=True')
-        model.decoder.load_state_dict(ck['decoder_ema'] if ema and 'decoder_ema' in ck else ck['decoder'])
+        model.decoder.load_state_dict(ck['decoder_ema'] if 'decoder_ema' in ck and (ema or 'decoder' not in ck) else ck['decoder'])
         model.kimg, model.config = ck.get('kimg', 0.0), ck.get('config', {})
     model.path = path
     return model.to(device).eval()

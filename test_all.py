@@ -1156,6 +1156,64 @@ def test_train_refuses_a_folder_smaller_than_one_batch_naming_batch_size(tmp_pat
     assert not (tmp_path / 'out').exists()
 
 
+def _close(a, b, atol=1e-7):
+    """State dicts equal to atol, but for spectral norm's power-iteration vectors (a forward moves them)."""
+    return all(torch.allclose(v, b[k], atol=atol) for k, v in a.items()
+               if torch.is_tensor(v) and v.is_floating_point() and not k.endswith(('._u', '._v')))
+
+
+def test_train_fine_tunes_from_a_checkpoint_at_its_resolution(tiny_ckpt, tmp_path):
+    from PIL import Image
+    import train as T
+    root = tmp_path / 'imgs'
+    root.mkdir()
+    for k in range(16):
+        Image.new('RGB', (16, 16), (16 * k, 90, 200 - 8 * k)).save(root / f'{k:02d}.png')
+    src = torch.load(tiny_ckpt / 'ckpt.pt', weights_only=True)
+    out = tmp_path / 'ft'
+    ft = dict(init_from=str(tiny_ckpt / 'ckpt.pt'), dataset='folder', data_root=str(root), out_dir=str(out),
+              batch_size=8, lr=1e-12, total_kimg=0.008, log_every=0.008)       # one step that moves nothing
+    cfg = T.settings(ft)
+    assert (cfg['max_res'], cfg['nz'], cfg['width'], cfg['authors']) == (16, 32, 1 / 16, True)
+    T.main(cfg)
+    ck = torch.load(out / 'ckpt.pt', weights_only=True)
+    assert [r['res'] for r in _log(out)] == [16] and ck['start_res'] == 16 and ck['step'] == 1
+    assert ck['started_from']['checkpoint'] == str(tiny_ckpt / 'ckpt.pt') and ck['started_from']['res'] == 16
+    assert _close(ck['encoder'], src['encoder']) and _close(ck['decoder'], src['decoder'])
+    decay = cfg['ema_decay']                                   # no ramp: the EMA starts trained
+    assert _close(ck['decoder_ema'], {k: decay * v + (1 - decay) * src['decoder'][k]
+                                      for k, v in src['decoder_ema'].items()}, atol=1e-6)
+    assert _close(ck['robust'], src['robust']) and ck['robust']['_extra_state'] == {'res': 16}   # the trained d_rho
+    assert all(s['step'] == 1 for s in ck['opt_enc']['state'].values())       # fresh optimizers
+    T.main(T.settings(dict(out_dir=str(out), init_from='resume', total_kimg=0.016)))
+    assert [r['res'] for r in _log(out)] == [16, 16]           # the resumed schedule still starts at 16x16
+    for given, message in ((dict(width=0.125), r'--width=0.125 but .* was trained with width=0.0625'),
+                           (dict(max_res=8), r'--max_res=8 is below the 16x16 of'),
+                           (dict(init_from=str(root / '00.png')), r'--init_from=.*00.png: could not read')):
+        with pytest.raises(SystemExit, match=message):
+            T.settings({**ft, 'out_dir': str(tmp_path / 'never'), **given})
+    assert not (tmp_path / 'never').exists()
+
+
+def test_train_fine_tunes_an_authors_checkpoint(tmp_path):
+    import train as T
+    path = tmp_path / '34740000_state.pth'
+    write_authors_checkpoint(str(path), phase=1)               # 8x8, their large widths
+    theirs = M.load_checkpoint(str(path))
+    T.main(T.settings(dict(init_from=str(path), out_dir=str(tmp_path / 'ft'), batch_size=2, lr=1e-12,
+                           total_kimg=0.002, log_every=0.002)))
+    ck = torch.load(tmp_path / 'ft' / 'ckpt.pt', weights_only=True)
+    assert ck['res'] == 8 and ck['config']['authors'] and ck['model_config']['nz'] == 512
+    assert _close(ck['encoder'], theirs.encoder.state_dict())
+
+
+def test_train_gives_back_the_signal_handlers(tmp_path):
+    import signal
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    run_train(tmp_path, total_kimg=0.008)
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+
+
 def test_train_stops_on_non_finite_loss_and_keeps_checkpoint(tmp_path):
     run_train(tmp_path, total_kimg=0.016)
     before = (tmp_path / 'ckpt.pt').read_bytes()

@@ -3,6 +3,7 @@
     python train.py                                        # the embedded `shapes` data set, on a CPU
     python train.py --dataset=folder --data_root=~/photos --max_res=64 --batch_size=16
     python train.py --init_from=resume --total_kimg=400    # continue out/ckpt.pt, for longer
+    python train.py --init_from=ffhq256 --dataset=folder --data_root=~/faces   # fine-tune a released model
     torchrun --standalone --nproc_per_node=8 train.py --dataset=lsun_cars --data_root=/data/lsun/car
 
 Each step is one encoder update (L_phi of Eq. 6, which also trains the robust loss's alpha and
@@ -22,7 +23,7 @@ import os
 import signal
 import time
 from contextlib import nullcontext
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import torch
 import torch.distributed as dist
@@ -41,7 +42,7 @@ dataset = 'shapes'          # shapes | folder | ffhq | celebahq | lsun_bedroom |
 data_root = ''              # images folder or LSUN lmdb (not needed for shapes)
 cache_dir = ''              # where folder caches go ('' = data_root/.automodulator_cache)
 test_fraction = 0.0         # held-out share of a plain folder (sample.py and metrics use it)
-num_workers = 4             # DataLoader worker processes (folders, LSUN)
+num_workers = min(4, os.cpu_count() or 1)  # DataLoader worker processes (folders, LSUN)
 # model (paper defaults; --authors=True switches to the authors' code everywhere it differs)
 max_res = 256               # last resolution, a power of two
 arch = 'large'              # decoder widths: large (FFHQ, LSUN) or small (CelebA-HQ)
@@ -76,7 +77,7 @@ compile = False             # torch.compile each network block
 channels_last = False       # NHWC memory format for the convolutions (faster with bf16 / on tensor cores)
 seed = 0                    # model init, data order, latent draws
 out_dir = 'out'             # ckpt.pt, snapshot_*.pt, config.json, log.jsonl, grid_*.png
-init_from = 'scratch'       # scratch (refuses an out_dir that holds a run) | resume (out_dir/ckpt.pt)
+init_from = 'scratch'       # scratch (refuses an out_dir that holds a run) | resume (out_dir/ckpt.pt) | a checkpoint to fine-tune
 log_every = 10.0            # kimg between progress lines
 sample_every = 100.0        # kimg between sample grids
 ckpt_every = 100.0          # kimg between writes of ckpt.pt, the file that resumes
@@ -128,13 +129,16 @@ RULES = dict(
     lambda_x_dec=at_least(0), beta1=between(0, 1, open_hi=True), beta1_dec=between(0, 1, open_hi=True),
     mix_ratio=between(0, 1), ema_decay=between(0, 1),
     device=ANY, dtype=one_of(*model.DTYPES), compile=ANY, channels_last=ANY, seed=integer(0),
-    out_dir=ANY, init_from=one_of('scratch', 'resume'),
+    out_dir=ANY, init_from=Rule("'scratch', 'resume', or a checkpoint to fine-tune (a path or a released model's name)",
+                                lambda v: isinstance(v, str) and v != ''),
     log_every=above(0), sample_every=at_least(0), ckpt_every=at_least(0), snapshot_every=at_least(0),
     dry_run=ANY, wandb_log=ANY, wandb_project=ANY,
 )
 # What a resumed run may not change: the checkpoint would mean something else.
 FIXED_ON_RESUME = ('dataset', 'test_fraction', 'max_res', 'arch', 'width', 'nz', 'noise', 'authors',
                    'invariance', 'seed')
+# What a fine-tune takes from the checkpoint it starts from (the networks' shape).
+FROM_CHECKPOINT = ('arch', 'width', 'nz', 'noise', 'authors', 'invariance')
 
 
 # --------------------------------------------------------------------------------------------
@@ -144,10 +148,11 @@ def resolutions(max_res):
     return [4 * 2 ** i for i in range(model.level(max_res, max_res) + 1)]
 
 
-def phase_table(max_res, phase_kimg, total_kimg=0.0):
-    """[(res, start_kimg, length_kimg)] for 4..max_res, and the kimg where training ends."""
+def phase_table(max_res, phase_kimg, total_kimg=0.0, start_res=4):
+    """[(res, start_kimg, length_kimg)] for start_res..max_res, and the kimg where training ends. A
+    fine-tune starts at its checkpoint's resolution, with no fade-in (as the 4x4 phase of a new run)."""
     rows, start = [], 0.0
-    for res in resolutions(max_res):
+    for res in resolutions(max_res)[model.level(start_res, max_res):]:
         rows.append((res, start, float(phase_kimg[res])))
         start += phase_kimg[res]
     return rows, (total_kimg if total_kimg > 0 else start)
@@ -221,8 +226,9 @@ def resumed_settings(ck, given, say=print):
                   f'it; drop --{key}, or start a new run with --init_from=scratch --out_dir=ANOTHER_DIR')
         changes.append(f'resume: {key} {old!r} -> {new!r}')
         cfg[key] = new
-    kimg = images_seen_of(ck) / 1000
-    where = [schedule(kimg, phase_table(c['max_res'], c['phase_kimg'])[0], c['fade'])[1:3] for c in (saved, cfg)]
+    kimg, start_res = images_seen_of(ck) / 1000, ck.get('start_res', 4)
+    where = [schedule(kimg, phase_table(c['max_res'], c['phase_kimg'], 0, start_res)[0], c['fade'])[1:3]
+             for c in (saved, cfg)]
     if where[0] != where[1]:
         _fail(f'the checkpoint is at {kimg:g} kimg, {where[0][0]}x{where[0][0]} alpha {where[0][1]:.2f}; the new '
               f'--phase_kimg/--fade put that point at {where[1][0]}x{where[1][0]} alpha {where[1][1]:.2f}; change only '
@@ -232,6 +238,37 @@ def resumed_settings(ck, given, say=print):
     for line in changes:
         say(line)
     return cfg
+
+
+def fine_tune_source(name):
+    """The checkpoint a fine-tune starts from, as model.load_checkpoint gives it (EMA decoder)."""
+    try:
+        return model.load_checkpoint(name)
+    except (FileNotFoundError, ValueError) as e:
+        _fail(f'--init_from={name}: {e}')
+
+
+def architecture_settings(net):
+    """The settings that rebuild `net`'s networks (FROM_CHECKPOINT), and its resolution as max_res."""
+    c = net.cfg
+    authors = all(getattr(c, k) == v for k, v in model.AUTHORS.items())
+    return dict(arch=c.arch, width=c.width, nz=c.nz, noise=c.noise, authors=authors,
+                invariance='flip' if c.extra_8x8 else '', max_res=net.res)
+
+
+def fine_tune_settings(net, given):
+    """A new run from `net`'s weights: its architecture, at its resolution or above; the rest as usual."""
+    source = architecture_settings(net)
+    name = given['init_from']
+    for key in FROM_CHECKPOINT:
+        if key in given and given[key] != source[key]:
+            _fail(f'--{key}={given[key]!r} but {name} was trained with {key}={source[key]!r}; a fine-tune keeps '
+                  f'the networks of the checkpoint it starts from (drop --{key})')
+    if given.get('max_res', source['max_res']) < source['max_res']:
+        _fail(f'--max_res={given["max_res"]} is below the {source["max_res"]}x{source["max_res"]} of {name}; a '
+              f'fine-tune starts at its checkpoint\'s resolution (give --max_res={source["max_res"]} or more)')
+    dataset = given.get('dataset', DEFAULTS['dataset'])
+    return {**DEFAULTS, **PRESETS[dataset], **source, **given}
 
 
 def settings(given, say=print):
@@ -246,6 +283,8 @@ def settings(given, say=print):
     if start['init_from'] == 'resume':
         cfg = resumed_settings(read_checkpoint(start['out_dir']), given, say)
         cfg.update({k: start[k] for k in ('init_from', 'out_dir', 'dry_run')})    # the folder may have moved
+    elif start['init_from'] != 'scratch':
+        cfg = fine_tune_settings(fine_tune_source(start['init_from']), given)
     else:
         cfg = {**DEFAULTS, **PRESETS[start['dataset']], **given}
     check(cfg, RULES)
@@ -279,7 +318,7 @@ def check_combinations(cfg):
     if cfg['wandb_log'] and importlib.util.find_spec('wandb') is None:
         _fail('--wandb_log=True needs the wandb package: pip install wandb (or leave --wandb_log off)')
     ckpt = os.path.join(cfg['out_dir'], 'ckpt.pt')
-    if cfg['init_from'] == 'scratch' and os.path.exists(ckpt) and not cfg['dry_run']:
+    if cfg['init_from'] != 'resume' and os.path.exists(ckpt) and not cfg['dry_run']:
         _fail(f'{ckpt} holds a run already; continue it with --init_from=resume, or start a new one '
               f'with --out_dir=ANOTHER_DIR (nothing was changed)')
 
@@ -384,6 +423,7 @@ class Trainer:
         self.gen = torch.Generator().manual_seed(cfg['seed'] + 1)
         self.sample_z = model.sample_prior(8, mcfg.nz, generator=torch.Generator().manual_seed(cfg['seed'] + 2)).to(dev)
         self.images_seen, self.step = 0, 0
+        self.start_res, self.started_from = 4, None         # a fine-tune starts at its checkpoint's resolution
         torch.manual_seed(cfg['seed'] + 1000 * (rank + 1))   # layer noise: a different stream per rank
         if cfg['channels_last']:
             for m in (self.encoder, self.decoder, self.ema):
@@ -400,7 +440,24 @@ class Trainer:
                     opt_enc=self.opt_enc.state_dict(), opt_dec=self.opt_dec.state_dict(),
                     scaler_enc=self.scaler_enc.state_dict(), scaler_dec=self.scaler_dec.state_dict(),
                     rng=dict(shared=self.gen.get_state(), ranks=all_rng_states(self.world, self.dev)),
-                    config=self.cfg, sample_z=self.sample_z.cpu())
+                    config=self.cfg, sample_z=self.sample_z.cpu(), start_res=self.start_res,
+                    started_from=self.started_from)
+
+    def start_from(self, name):
+        """Fine-tune: the encoder, decoder, EMA decoder and (where the file has it) the robust loss
+        of checkpoint `name`; the optimizers start fresh. A larger max_res adds new levels on top."""
+        ema, live = model.load_checkpoint(name), model.load_checkpoint(name, ema=False, live_if_missing=True)
+        grow = self.mcfg.max_res > ema.cfg.max_res
+        for net, sd in ((self.encoder, ema.encoder), (self.decoder, live.decoder), (self.ema, ema.decoder)):
+            missing, unexpected = net.load_state_dict(sd.state_dict(), strict=not grow)
+            assert not unexpected, unexpected                # settings checked that the networks agree
+        self.start_res = ema.res
+        while self.robust.res < ema.res:
+            self.robust.grow()
+        raw = torch.load(ema.path, map_location='cpu', weights_only=True, mmap=True)
+        if isinstance(raw, dict) and 'robust' in raw:
+            self.robust.load_state_dict(raw['robust'])
+        self.started_from = dict(checkpoint=os.path.abspath(ema.path), res=ema.res, kimg=ema.kimg)
 
     def load(self, ck):
         for name in ('encoder', 'decoder', 'robust', 'opt_enc', 'opt_dec'):
@@ -410,6 +467,7 @@ class Trainer:
             if ck.get(name):
                 getattr(self, name).load_state_dict(ck[name])
         self.images_seen, self.step = images_seen_of(ck), ck['step']
+        self.start_res, self.started_from = ck.get('start_res', 4), ck.get('started_from')
         self.gen.set_state(ck['rng']['shared'])
         self.sample_z = ck['sample_z'].to(self.dev)
         if self.rank < len(ck['rng']['ranks']):
@@ -449,8 +507,10 @@ class Trainer:
         self.encoder.requires_grad_(True)
         self.robust.requires_grad_(True)
         # the decay ramps up to ema_decay ((1 + t) / (10 + t), as TF's ExponentialMovingAverage), so
-        # that early samples and short runs do not average in the random initialization
-        model.update_ema(self.ema, self.decoder, min(cfg['ema_decay'], (1 + self.step) / (10 + self.step)))
+        # that early samples and short runs do not average in the random initialization; a fine-tune's
+        # EMA starts from a trained average and keeps the full decay
+        ramp = 1.0 if self.started_from else (1 + self.step) / (10 + self.step)
+        model.update_ema(self.ema, self.decoder, min(cfg['ema_decay'], ramp))
         self.images_seen += x.shape[0] * self.world
         self.step += 1
         parts = dict(loss_enc=loss_enc.detach(), loss_dec=loss_dec.detach(), **parts_enc,
@@ -568,12 +628,26 @@ def check_enough_images(source, cfg, table, world):
 # The run
 
 def main(cfg):
-    """Train with the settings `cfg` (from `settings`, which has checked them)."""
+    """Train with the settings `cfg` (from `settings`, which has checked them). Ctrl-C and SIGTERM
+    finish the step and write the checkpoint; the handlers they had before come back afterwards, so
+    a notebook or a test process keeps its own."""
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        run(cfg)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def run(cfg):
     # Set up the processes and the device.
     rank, world, local = (int(os.environ.get(k, d)) for k, d in (('RANK', 0), ('WORLD_SIZE', 1), ('LOCAL_RANK', 0)))
     master = rank == 0
     say = print if master else (lambda *a, **k: None)
-    table, end_kimg = phase_table(cfg['max_res'], cfg['phase_kimg'], cfg['total_kimg'])
+    resume, fine_tune = cfg['init_from'] == 'resume', cfg['init_from'] not in ('scratch', 'resume')
+    ck = read_checkpoint(cfg['out_dir']) if resume else None
+    start_res = ck.get('start_res', 4) if resume else fine_tune_source(cfg['init_from']).res if fine_tune else 4
+    table, end_kimg = phase_table(cfg['max_res'], cfg['phase_kimg'], cfg['total_kimg'], start_res)
     if cfg['dry_run']:
         say(json.dumps(cfg, indent=1, default=str))
         print_plan(cfg, table, end_kimg, world, say)
@@ -586,13 +660,21 @@ def main(cfg):
     if world > 1:
         dist.init_process_group('nccl' if dev.type == 'cuda' else 'gloo')
 
-    # Construct the networks, or resume them.
+    # Construct the networks: new, resumed, or from the checkpoint a fine-tune starts from.
     ckpt_path = os.path.join(cfg['out_dir'], 'ckpt.pt')
-    ck = read_checkpoint(cfg['out_dir']) if cfg['init_from'] == 'resume' else None
-    mcfg = model.ModelConfig(**ck['model_config']) if ck else model_config_from(cfg)
+    if resume:
+        mcfg = model.ModelConfig(**ck['model_config'])
+    elif fine_tune:
+        mcfg = replace(fine_tune_source(cfg['init_from']).cfg, max_res=cfg['max_res'])
+    else:
+        mcfg = model_config_from(cfg)
     t = Trainer(cfg, mcfg, dev, rank, world)
-    if ck:
+    if resume:
         t.load(ck)
+    elif fine_tune:
+        t.start_from(cfg['init_from'])
+        say(f'fine-tuning {t.started_from["checkpoint"]} ({t.start_res}x{t.start_res}, '
+            f'{t.started_from["kimg"]:.1f} kimg): new optimizers, the schedule from {t.start_res}x{t.start_res}')
 
     # Load the data set (rank 0 builds any folder cache first, the others read it when complete).
     if world > 1 and not master:
