@@ -18,6 +18,7 @@ import json
 import os
 import sys
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -360,25 +361,25 @@ def real_statistics(inception, saved, res, count, batch, device, cache_dir, spli
     if len(source) < count:
         print(f'note: the {split} split has {len(source)} images, fewer than {count}; using all of them', file=sys.stderr)
         count = len(source)
-    feats = inception_features(inception, lambda s, n: load_source_images(source, res, s, n, device),
-                               count, batch, f'real statistics {tag}')
-    mu, sigma = statistics(feats)
+    mu, sigma = statistics(real_features(inception, source, res, count, batch, device, f'real statistics {tag}'))
     os.makedirs(cache_dir, exist_ok=True)
-    np.savez(path + '.tmp.npz', mu=mu, sigma=sigma)
-    os.replace(path + '.tmp.npz', path)
+    try:
+        np.savez(path + '.tmp.npz', mu=mu, sigma=sigma)
+        os.replace(path + '.tmp.npz', path)
+    finally:
+        if os.path.exists(path + '.tmp.npz'):
+            os.remove(path + '.tmp.npz')
     return mu, sigma
 
 
-@torch.no_grad()
+def real_features(inception, source, res, count, batch, device, what='real images'):
+    return inception_features(inception, lambda s, n: load_source_images(source, res, s, n, device),
+                              min(count, len(source)), batch, what)
+
+
 def fid_samples(net, inception, real_stats, count, batch, seed=0):
     """FID of `count` prior samples from the (EMA) decoder against real statistics."""
-    g = torch.Generator().manual_seed(seed)
-    dev = net.const_device()
-
-    def fakes(start, n):
-        return net.decode(model.sample_prior(n, net.cfg.nz, generator=g).to(dev), noise=True)
-    mu, sigma = statistics(inception_features(inception, fakes, count, batch, 'samples'))
-    return frechet_distance(mu, sigma, *real_stats)
+    return frechet_distance(*statistics(sample_features(net, inception, count, batch, seed)), *real_stats)
 
 
 @torch.no_grad()
@@ -393,6 +394,56 @@ def fid_reconstructions(net, inception, source, count, batch):
         rec.append(inception(net.reconstruct(x, noise=False).clamp(-1, 1).add(1).div(2)).double().cpu())
         progress(start + n)
     return frechet_distance(*statistics(torch.cat(rec).numpy()), *statistics(torch.cat(real).numpy()))
+
+
+@torch.no_grad()
+def folder_features(inception, root, res, batch, count, device):
+    """Inception features of up to `count` images under `root` (sorted), centre-cropped and resized
+    to res as training does; unreadable files are skipped with a warning, none readable is an error."""
+    files, feats, x, progress = data.list_images(root)[:count], [], [], Progress(f'features of {root}', count)
+    for i, path in enumerate(files):
+        try:
+            x.append(data.crop_resize(data.open_rgb(path), res))
+        except Exception as e:                                    # noqa: BLE001 (any decoder failure)
+            warnings.warn(f'skipping unreadable image {path} ({type(e).__name__}: {e})')
+        if len(x) == batch or (i == len(files) - 1 and x):
+            images = torch.stack(x).to(device).float() / 255
+            feats.append(inception(images).double().cpu())
+            x = []
+            progress(i + 1)
+    if not feats:
+        raise ValueError(f'none of the {len(files)} images under {root} could be read')
+    return torch.cat(feats).numpy()
+
+
+def _kth_neighbour_distance(f, k, chunk=1024):
+    """Distance from each row of f to its k-th nearest other row."""
+    out = [torch.cdist(f[i:i + chunk], f).kthvalue(k + 1, dim=1).values for i in range(0, len(f), chunk)]
+    return torch.cat(out)                                  # k + 1: each row is its own nearest, at 0
+
+
+def _covered(points, centres, radii, chunk=1024):
+    """For each point: does it lie in some ball (centre, radius)?"""
+    return torch.cat([(torch.cdist(points[i:i + chunk], centres) <= radii[None]).any(1)
+                      for i in range(0, len(points), chunk)])
+
+
+def precision_recall(real, fake, k=3):
+    """Kynkaanniemi et al. (2019): each set's manifold is the union of balls around its points
+    reaching their k-th nearest neighbour. Precision: share of fakes inside the real manifold;
+    recall: share of reals inside the fake manifold."""
+    real, fake = torch.as_tensor(real, dtype=torch.float64), torch.as_tensor(fake, dtype=torch.float64)
+    precision = _covered(fake, real, _kth_neighbour_distance(real, k)).double().mean().item()
+    recall = _covered(real, fake, _kth_neighbour_distance(fake, k)).double().mean().item()
+    return dict(precision=precision, recall=recall)
+
+
+@torch.no_grad()
+def sample_features(net, inception, count, batch, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    dev = net.const_device()
+    return inception_features(inception, lambda s, n: net.decode(model.sample_prior(n, net.cfg.nz, generator=g).to(dev),
+                                                                   noise=True), count, batch, 'samples')
 
 
 @torch.no_grad()
@@ -523,12 +574,16 @@ def invariance_score(net, count, batch, k=model.INVARIANCE_K):
 # Command line
 
 _before = set(globals())
-metric = 'fid'              # fid | fid_rec | lpips_rec | ppl | mix | invariance
+metric = 'fid'              # fid | fid_rec | lpips_rec | ppl | pr | mix | invariance
 out_dir = 'out'             # reads out_dir/ckpt.pt, appends to out_dir/metrics.jsonl
 ckpt = ''                   # another checkpoint file ('' = out_dir/ckpt.pt), an authors' *_state.pth, or ffhq256 etc.
 dataset = ''                # the real images' data set ('' = the one the checkpoint records; needed for the authors')
 data_root = ''              # ... and their folder or lmdb
-fid_count = 50000           # fid: generated samples and real images (the name says it: fid50k)
+fid_count = 50000           # fid, pr: generated samples and real images (the name says it: fid50k)
+folder_a = ''               # fid, pr between two folders (no checkpoint): the reference images ...
+folder_b = ''               # ... and the images to score (pr: precision of B against A, recall of A by B)
+folder_res = 256            # folders: centre crop and resize to this, then Inception's own resize to 299
+pr_k = 3                    # pr: k of the k-nearest-neighbour balls (Kynkaanniemi et al. 2019)
 rec_count = 10000           # fid_rec, lpips_rec: held-out images (paper: 10k unseen FFHQ images)
 ppl_count = 100000          # ppl: latent pairs (paper: 100k)
 mix_count = 1000            # mix: held-out pairs per group; invariance: held-out images
@@ -548,8 +603,9 @@ device = 'auto'             # auto (cuda if available) | cpu | cuda
 CONFIG_KEYS = sorted(set(globals()) - _before - {'_before'})
 
 RULES = dict(
-    metric=matches(r'fid(\d+k?)?|fid_rec|lpips_rec|ppl|mix|invariance',
-                   'fid (fid50k, fid5k, ...), fid_rec, lpips_rec, ppl, mix or invariance'),
+    metric=matches(r'fid(\d+k?)?|fid_rec|lpips_rec|ppl|pr|mix|invariance',
+                   'fid (fid50k, fid5k, ...), fid_rec, lpips_rec, ppl, pr, mix or invariance'),
+    folder_a=ANY, folder_b=ANY, folder_res=integer(8), pr_k=integer(1),
     out_dir=ANY, ckpt=ANY, dataset=one_of('', *data.DATASETS), data_root=ANY, fid_count=integer(2),
     rec_count=integer(2), ppl_count=integer(1), mix_count=integer(1), batch=integer(1), epsilon=above(0),
     lpips_net=one_of('alex', 'vgg'), ppl_net=one_of('alex', 'vgg'), crop=one_of('auto', 'yes', 'no'),
@@ -570,11 +626,57 @@ def held_out(saved, res):
                             saved.get('test_fraction', 0.0), saved.get('cache_dir', ''), 0, lambda *a: None)
 
 
+def fid_count_of(cfg):
+    """--metric=fid5k is --metric=fid --fid_count=5000."""
+    tail = cfg['metric'][3:] if cfg['metric'].startswith('fid') and cfg['metric'] != 'fid_rec' else ''
+    return int(float(tail.rstrip('k')) * (1000 if tail.endswith('k') else 1)) if tail else cfg['fid_count']
+
+
+def compare_folders(cfg, dev):
+    """FID or precision/recall between two folders of images, no checkpoint."""
+    if not (cfg['folder_a'] and cfg['folder_b']):
+        raise SystemExit('error: comparing folders needs both --folder_a=DIR (reference) and --folder_b=DIR')
+    if not (cfg['metric'].startswith('fid') and cfg['metric'] != 'fid_rec' or cfg['metric'] == 'pr'):
+        raise SystemExit(f"error: --metric={cfg['metric']} needs a checkpoint; between folders use fid or pr")
+    count, t0 = fid_count_of(cfg), time.time()
+    inc = InceptionV3().to(dev)
+    inc.load_state_dict(load_weights(cfg['inception'], FID_URL, 'inception'))
+    try:
+        a, b = (folder_features(inc, cfg[k], cfg['folder_res'], cfg['batch'], count, dev) for k in ('folder_a', 'folder_b'))
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f'error: {e}')
+    if cfg['metric'] == 'pr':
+        value, name = precision_recall(a, b, cfg['pr_k']), f'pr{_count_name(min(len(a), len(b)))}'
+    else:
+        value, name = frechet_distance(*statistics(b), *statistics(a)), f'fid{_count_name(min(len(a), len(b)))}'
+    return dict(metric=name, value=value, folder_a=os.path.abspath(cfg['folder_a']), images_a=len(a),
+                folder_b=os.path.abspath(cfg['folder_b']), images_b=len(b), seconds=round(time.time() - t0, 1),
+                protocol=f'folders, centre crop and resize to {cfg["folder_res"]}, then bilinear to 299'
+                         + (f', k = {cfg["pr_k"]}' if cfg['metric'] == 'pr' else ''))
+
+
+def write_record(record, log_dir, detail=''):
+    """Print a result and append it as one JSON line to log_dir/metrics.jsonl."""
+    value = record['value']
+    shown = json.dumps(value) if isinstance(value, dict) else f'{value:.4f}'
+    print(f'{record["metric"]} = {shown}  ({detail}{record["seconds"]} s)')
+    os.makedirs(log_dir, exist_ok=True)
+    with open(os.path.join(log_dir, 'metrics.jsonl'), 'a') as f:
+        f.write(json.dumps(record) + '\n')
+
+
 def main(cfg):
     check(cfg, RULES)
-    path = cfg['ckpt'] or os.path.join(cfg['out_dir'], 'ckpt.pt')
     try:
         dev = model.resolve_device(cfg['device'])
+    except ValueError as e:
+        raise SystemExit(f'error: {e}')
+    if cfg['folder_a'] or cfg['folder_b']:
+        record = compare_folders(cfg, dev)
+        write_record(record, cfg['out_dir'], f'{record["images_a"]} and {record["images_b"]} images, ')
+        return record
+    path = cfg['ckpt'] or os.path.join(cfg['out_dir'], 'ckpt.pt')
+    try:
         net = model.load_checkpoint(path, device=dev)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f'error: {e}')
@@ -587,14 +689,22 @@ def main(cfg):
     paths = dict(vgg=(cfg['vgg_backbone'], cfg['lpips_vgg']), alex=(cfg['alex_backbone'], cfg['lpips_alex']))
     t0 = time.time()
     if name.startswith('fid') and name not in ('fid_rec',):
-        if name[3:]:                                    # --metric=fid5k is --metric=fid --fid_count=5000
-            cfg['fid_count'] = int(float(name[3:].rstrip('k')) * (1000 if name.endswith('k') else 1))
+        cfg['fid_count'] = fid_count_of(cfg)
         inc = InceptionV3().to(dev)
         inc.load_state_dict(load_weights(cfg['inception'], FID_URL, 'inception'))
         stats = real_statistics(inc, saved, net.res, cfg['fid_count'], cfg['batch'], dev,
                                 cfg['stats_dir'] or os.path.expanduser('~/.cache/automodulator/fid_stats'))
         value = fid_samples(net, inc, stats, cfg['fid_count'], cfg['batch'], cfg['seed'])
         name, protocol = f'fid{_count_name(cfg["fid_count"])}', 'EMA decoder prior samples (layer noise on) vs train split, bilinear resize to 299'
+    elif name == 'pr':
+        inc = InceptionV3().to(dev)
+        inc.load_state_dict(load_weights(cfg['inception'], FID_URL, 'inception'))
+        source = data.make_source(dataset, saved.get('data_root', ''), 'train', saved.get('max_res', net.res),
+                                  saved.get('seed', 0), saved.get('test_fraction', 0.0), saved.get('cache_dir', ''),
+                                  0, lambda *a: None)
+        real = real_features(inc, source, net.res, cfg['fid_count'], cfg['batch'], dev)
+        value = precision_recall(real, sample_features(net, inc, len(real), cfg['batch'], cfg['seed']), cfg['pr_k'])
+        name, protocol = f'pr{_count_name(len(real))}', f'EMA decoder prior samples vs train split, k = {cfg["pr_k"]}, Inception pool3'
     elif name == 'fid_rec':
         inc = InceptionV3().to(dev)
         inc.load_state_dict(load_weights(cfg['inception'], FID_URL, 'inception'))
@@ -632,16 +742,12 @@ def main(cfg):
                 print(f'{group:13s} layout follows B: ' + ' '.join(f'{k} {scores[k]["b"]:.2f}' for k in LAYOUT) +
                       ' | appearance follows B: ' + ' '.join(f'{k} {scores[k]["b"]:.2f}' for k in APPEARANCE))
     else:
-        raise SystemExit(f"error: unknown --metric={name!r}; use fid (fid50k, fid5k, ...), fid_rec, lpips_rec, ppl, mix or invariance")
+        raise SystemExit(f"error: unknown --metric={name!r}; use fid (fid50k, fid5k, ...), fid_rec, lpips_rec, ppl, pr, mix or invariance")
     record = dict(metric=name, value=value, kimg=net.kimg, res=net.res, ckpt=os.path.abspath(net.path),
                   protocol=protocol, seconds=round(time.time() - t0, 1))
-    print(f'{name} = {json.dumps(value) if isinstance(value, dict) else f"{value:.4f}"}  ({net.res}x{net.res}, '
-          f'{net.kimg:.1f} kimg, {record["seconds"]} s)')
     # beside this repo's checkpoints; the authors' files often sit in a shared cache, so out_dir
     log_dir = cfg['out_dir'] if net.input_crop else os.path.dirname(os.path.abspath(net.path))
-    os.makedirs(log_dir, exist_ok=True)
-    with open(os.path.join(log_dir, 'metrics.jsonl'), 'a') as f:
-        f.write(json.dumps(record) + '\n')
+    write_record(record, log_dir, f'{net.res}x{net.res}, {net.kimg:.1f} kimg, ')
     return record
 
 

@@ -1538,6 +1538,55 @@ def test_metrics_on_a_tiny_checkpoint(tiny_ckpt, tmp_path):
     assert same['pixels']['l1_to_own'] == 0 and same['pixels']['closer_to_mirrored'] == 0 and same['swap']['y'] == same['recon']['y']
 
 
+def test_precision_recall_equals_a_direct_count():
+    import metrics as MT
+    g = np.random.default_rng(0)
+    real, fake = g.normal(size=(40, 5)), g.normal(0.7, 1.3, size=(30, 5))
+
+    def radius(points, i, k=3):
+        return sorted(np.linalg.norm(points - points[i], axis=1))[k]       # [0] is the point itself
+    precision = np.mean([any(np.linalg.norm(f - r) <= radius(real, j) for j, r in enumerate(real)) for f in fake])
+    recall = np.mean([any(np.linalg.norm(r - f) <= radius(fake, j) for j, f in enumerate(fake)) for r in real])
+    got = MT.precision_recall(real, fake, k=3)
+    assert 0 < precision < 1 and 0 < recall < 1
+    assert got == pytest.approx(dict(precision=precision, recall=recall), abs=1e-12)
+    assert MT.precision_recall(real, real) == dict(precision=1.0, recall=1.0)
+
+
+def test_metrics_between_two_folders(tiny_ckpt, tmp_path):
+    from PIL import Image
+    import metrics as MT
+    folder = tmp_path / 'imgs'
+    folder.mkdir()
+    g = np.random.default_rng(1)
+    for k in range(10):
+        Image.fromarray(g.integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(folder / f'{k}.png')
+    (folder / 'broken.png').write_bytes(b'junk')
+    torch.save(_torchvision_inception_state().state_dict(), tmp_path / 'inception.pth')
+    cfg = {**{k: getattr(MT, k) for k in MT.CONFIG_KEYS}, 'out_dir': str(tmp_path / 'out'), 'batch': 4,
+           'folder_a': str(folder), 'folder_b': str(folder), 'folder_res': 32, 'inception': str(tmp_path / 'inception.pth')}
+    with pytest.warns(UserWarning, match='broken.png'):
+        fid = MT.main({**cfg, 'metric': 'fid'})
+    assert fid['metric'] == 'fid10' and abs(fid['value']) < 1e-6 and fid['images_a'] == fid['images_b'] == 10
+    with pytest.warns(UserWarning):
+        pr = MT.main({**cfg, 'metric': 'pr'})
+    assert pr['value'] == dict(precision=1.0, recall=1.0)
+    lines = [json.loads(line) for line in open(tmp_path / 'out' / 'metrics.jsonl')]
+    assert [r['metric'] for r in lines] == ['fid10', 'pr10']
+    assert MT.main({**cfg, 'metric': 'pr', 'folder_a': '', 'folder_b': '', 'out_dir': str(tiny_ckpt),
+                    'fid_count': 8, 'batch': 8})['metric'] == 'pr8'          # a checkpoint's samples against its data
+    empty = tmp_path / 'bad'
+    empty.mkdir()
+    (empty / 'broken.png').write_bytes(b'junk')
+
+    def measure(**over):
+        return MT.main({**cfg, **over})
+    with pytest.warns(UserWarning):
+        assert 'none of the 1 images under' in _error_of(measure, folder_b=str(empty))
+    assert 'needs both --folder_a=DIR' in _error_of(measure, folder_b='')
+    assert '--metric=ppl needs a checkpoint' in _error_of(measure, metric='ppl')
+
+
 def test_metrics_bad_input(tiny_ckpt):
     import metrics as MT
 
