@@ -8,6 +8,8 @@
     python sample.py --mode=invariance         # pose (blocks 0-1) from the top row (Fig. 5)
     python sample.py --mix 2:4 --inputs=faces/ --ckpt=ffhq.pt
     python sample.py --ckpt=ffhq256 --mix coarse --inputs=my_aligned_faces/   # the authors' model
+    python sample.py --mode=encode --inputs=photos/ --latents=z.pt   # {file name: latent}, for your own tools
+    python sample.py --mode=decode --latents=z.pt --singles=True     # draw them back (per-block latents too)
 
 Reads out_dir/ckpt.pt (or --ckpt), decodes with the EMA decoder at the resolution the checkpoint
 reached, and writes one PNG grid into out_dir (its path is printed). Real inputs default to the
@@ -28,7 +30,7 @@ import model
 from configurator import ANY, check, configure, integer, matches, one_of
 
 _before = set(globals())
-mode = 'mix'                # mix | recon | random | cond | interp | invariance
+mode = 'mix'                # mix | recon | random | cond | interp | invariance | encode | decode
 mix = 'coarse'              # mix: blocks that take B's latents: coarse (4-8) | intermediate (16-32) | fine (64+) | a:b
 cond = 'coarse'             # cond: blocks the input fixes, random latents drive the rest
 out_dir = 'out'             # where ckpt.pt is read and the grid is written
@@ -44,24 +46,36 @@ ema = True                  # use the EMA decoder
 zoom = 0                    # enlarge tiles by this factor (0 = auto: tiles of at least 64 px)
 singles = False             # also write every tile as its own PNG under out_dir/<mode>/
 out = ''                    # output file ('' = out_dir/<mode>_<detail>.png)
+latents = ''                # encode: where to write {file name: latent}; decode: what to draw ('' = out_dir/latents.pt)
 device = 'auto'             # auto (cuda if available) | cpu | cuda
 CONFIG_KEYS = sorted(set(globals()) - _before - {'_before'})
 
-MODES = ('mix', 'recon', 'random', 'cond', 'interp', 'invariance')
+MODES = ('mix', 'recon', 'random', 'cond', 'interp', 'invariance', 'encode', 'decode')
 _BLOCKS = matches(r'coarse|intermediate|fine|\d*:\d*', "coarse, intermediate, fine or a:b (block indices)")
 RULES = dict(mode=one_of(*MODES), mix=_BLOCKS, cond=_BLOCKS, out_dir=ANY, ckpt=ANY, inputs=ANY, inputs_b=ANY,
              n=integer(1), draws=integer(1), steps=integer(2), seed=integer(0), noise=ANY, ema=ANY,
-             zoom=integer(0), singles=ANY, out=ANY, device=ANY)
+             zoom=integer(0), singles=ANY, out=ANY, latents=ANY, device=ANY)
 
 
 # --------------------------------------------------------------------------------------------
 # Inputs
 
+def image_paths(spec):
+    """A folder's images (sorted) or comma-separated files."""
+    if os.path.isdir(spec):
+        return data.list_images(spec)
+    paths = [p for p in spec.split(',') if p]
+    missing = [p for p in paths if not os.path.exists(p)]
+    if missing:
+        raise SystemExit(f'error: --inputs: {missing[0]!r} is neither a folder nor a file')
+    return paths
+
+
 def read_images(spec, res, crop=None):
-    """Images from a folder or comma-separated files, as (B, 3, res, res) in [-1, 1], and their names:
-    centre crop and resize, or with `crop` the authors' resize -> crop -> resize (their models).
-    Unreadable files are skipped with a warning; none readable is an error."""
-    paths = data.list_images(spec) if os.path.isdir(spec) else [p for p in spec.split(',') if p]
+    """Images from a folder, comma-separated files or a list of paths, as (B, 3, res, res) in [-1, 1],
+    and their paths: centre crop and resize, or with `crop` the authors' resize -> crop -> resize
+    (their models). Unreadable files are skipped with a warning; none readable is an error."""
+    paths = spec if isinstance(spec, list) else image_paths(spec)
     images, names = [], []
     for p in paths:
         try:
@@ -174,6 +188,64 @@ def save_grid(rows, path, res, zoom=0):
 
 
 # --------------------------------------------------------------------------------------------
+# Latents as files: {name: (nz,) or per-block (n_blocks, nz)}, for editing, interpolating or
+# clustering with other tools
+
+def save_latents(latents, path):
+    """Write {name: latent} with torch.save, atomically."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + '.tmp'
+    try:
+        torch.save({k: v.detach().float().cpu() for k, v in latents.items()}, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_latents(path, net):
+    """A latents file checked against net: (names, per-block latents (B, n_blocks, nz) on the sphere).
+    A (nz,) latent drives every block; each latent is normalized, as the encoder's are."""
+    nz, n = net.cfg.nz, net.decoder.n_blocks
+    try:
+        found = torch.load(path, map_location='cpu', weights_only=True)
+    except FileNotFoundError:
+        raise SystemExit(f'error: no latents file at {path}; write one with --mode=encode --inputs=DIR') from None
+    except Exception as e:                                      # noqa: BLE001 (not a torch file)
+        raise SystemExit(f'error: could not read {path} as a latents file ({type(e).__name__})') from None
+    if not isinstance(found, dict) or not found or not all(torch.is_tensor(v) for v in found.values()):
+        raise SystemExit(f'error: {path} is not a latents file: expected {{name: tensor}}, got {type(found).__name__}')
+    out = []
+    for name, z in found.items():
+        if tuple(z.shape) not in ((nz,), (n, nz)):
+            raise SystemExit(f'error: {path}: latent {name!r} has shape {tuple(z.shape)}; this checkpoint takes '
+                             f'({nz},) or per block ({n}, {nz})')
+        out.append(F.normalize(z.float().expand(n, nz), dim=-1))
+    return list(found), torch.stack(out)
+
+
+def latent_name(path, spec):
+    return os.path.relpath(path, spec) if os.path.isdir(spec) else os.path.basename(path)
+
+
+@torch.no_grad()
+def encode_to_file(net, spec, path, crop=None, batch=32):
+    """Encode every readable image of `spec` (a folder or files), a batch at a time; write {name: z}."""
+    paths, found = image_paths(spec), {}
+    for i in range(0, len(paths), batch):
+        try:
+            x, names = read_images(paths[i:i + batch], net.res, crop)
+        except SystemExit:                                     # a batch with no readable file
+            continue
+        for name, z in zip(names, net.encode(x.to(net.const_device()))):
+            found[latent_name(name, spec)] = z
+    if not found:
+        raise SystemExit(f'error: none of the inputs could be read ({spec!r})')
+    save_latents(found, path)
+    return found
+
+
+# --------------------------------------------------------------------------------------------
 
 def main(cfg):
     check(cfg, RULES)
@@ -188,6 +260,14 @@ def main(cfg):
     if cfg['mode'] == 'invariance' and used_blocks(net) <= model.INVARIANCE_K:
         raise SystemExit(f'error: --mode=invariance swaps blocks 0-{model.INVARIANCE_K - 1} and needs blocks after '
                          f'them: a checkpoint at 16x16 or more; {path} is at {res}x{res}')
+    latents_path = cfg['latents'] or os.path.join(cfg['out_dir'], 'latents.pt')
+    if cfg['mode'] == 'encode':
+        if not cfg['inputs']:
+            raise SystemExit('error: --mode=encode needs --inputs=FOLDER (or comma-separated files)')
+        found = encode_to_file(net, cfg['inputs'], latents_path, net.input_crop)
+        print(f'wrote {latents_path} ({len(found)} latents of size {net.cfg.nz}; {res}x{res} checkpoint at {path})')
+        return latents_path
+    names = None
     if want and not cfg['inputs'] and (net.input_crop or saved.get('dataset', 'shapes') != 'shapes' and not saved.get('data_root')):
         raise SystemExit(f'error: {path} records no images to use; pass --inputs=FOLDER (or comma-separated files)')
     if want:
@@ -206,6 +286,13 @@ def main(cfg):
             if cfg['mode'] == 'invariance' and not saved.get('invariance'):
                 print('note: this checkpoint was trained without the invariance loss: the grid shows the '
                       "'regular' model of Fig. 5 (pose from the top row on blocks 0-1)")
+        elif cfg['mode'] == 'decode':
+            names, z = load_latents(latents_path, net)
+            with torch.no_grad():
+                images = torch.cat([net.decode(z[i:i + 32].to(dev), noise=noise_on) for i in range(0, len(z), 32)])
+            cols = min(8, len(images))
+            rows, detail = [images[i:i + cols] for i in range(0, len(images), cols)], os.path.splitext(
+                os.path.basename(latents_path))[0]
         elif cfg['mode'] == 'recon':
             rows, detail = recon_grid(net, x, noise_on), f'{len(x)}'
         elif cfg['mode'] == 'random':
@@ -225,7 +312,8 @@ def main(cfg):
         folder = os.path.join(cfg['out_dir'], cfg['mode'])
         os.makedirs(folder, exist_ok=True)
         for i, img in enumerate(torch.cat(rows)):
-            save_image(img.clamp(-1, 1).add(1).div(2), os.path.join(folder, f'{i:04d}.png'))
+            file = os.path.splitext(names[i])[0].replace(os.sep, '_') if names else f'{i:04d}'
+            save_image(img.clamp(-1, 1).add(1).div(2), os.path.join(folder, f'{file}.png'))
     print(f'wrote {target} ({cfg["mode"]}, {res}x{res} checkpoint at {path})')
     return target
 

@@ -1429,6 +1429,44 @@ def test_sample_bad_input(tiny_ckpt, tmp_path):
         assert 'none of the inputs' in _error_of(_sample, **run, mode='recon', inputs=str(inputs))
 
 
+def test_sample_latents_as_files_encode_then_decode(tiny_ckpt, tmp_path):
+    import sample as S
+    from torchvision.utils import save_image
+    folder = tmp_path / 'in'
+    (folder / 'sub').mkdir(parents=True)
+    x, _ = D.render_shapes(torch.arange(D.SHAPES_TRAIN, D.SHAPES_TRAIN + 3), 16)
+    for i, name in enumerate(('a.png', 'b.png', 'sub/c.png')):
+        save_image(x[i].add(1).div(2), folder / name)
+    (folder / 'broken.png').write_bytes(b'junk')
+    z_file = tmp_path / 'z.pt'
+    with pytest.warns(UserWarning, match='broken.png'):
+        _sample(out_dir=str(tiny_ckpt), mode='encode', inputs=str(folder), latents=str(z_file))
+    z = torch.load(z_file, weights_only=True)
+    net = M.load_checkpoint(str(tiny_ckpt / 'ckpt.pt'))
+    files = S.read_images([str(folder / n) for n in ('a.png', 'b.png', 'sub/c.png')], 16)[0]
+    assert list(z) == ['a.png', 'b.png', os.path.join('sub', 'c.png')]
+    assert torch.allclose(torch.stack(list(z.values())), net.encode(files), atol=1e-6)
+    assert torch.allclose(torch.stack(list(z.values())).norm(dim=1), torch.ones(3))
+    # per-block latents beside plain ones: a's blocks 0-1 from b
+    z['mixed'] = M.mix_latents(z['a.png'][None], z['b.png'][None], range(0, 2), net.decoder.n_blocks)[0]
+    S.save_latents(z, str(z_file))
+    out = tmp_path / 'dec.png'
+    _sample(out_dir=str(tiny_ckpt), mode='decode', latents=str(z_file), out=str(out), singles=True)
+    assert _png(out).shape == grid_shape(1, 4)
+    with torch.no_grad():
+        want = net.decode(z['mixed'][None], noise=False)[0]
+    got = _png(tiny_ckpt / 'decode' / 'mixed.png')
+    assert (got - want.clamp(-1, 1).add(1).div(2).mul(255)).abs().max() <= 1.0
+    assert (tiny_ckpt / 'decode' / 'sub_c.png').exists()
+    torch.save({'a': torch.ones(7)}, tmp_path / 'wrong.pt')
+    text = _error_of(_sample, out_dir=str(tiny_ckpt), mode='decode', latents=str(tmp_path / 'wrong.pt'))
+    assert "latent 'a' has shape (7,); this checkpoint takes (32,) or per block (3, 32)" in text
+    torch.save([1, 2], tmp_path / 'list.pt')
+    assert 'is not a latents file' in _error_of(_sample, out_dir=str(tiny_ckpt), mode='decode',
+                                                latents=str(tmp_path / 'list.pt'))
+    assert 'needs --inputs' in _error_of(_sample, out_dir=str(tiny_ckpt), mode='encode')
+
+
 # ---------------------------------------------------------------------------------------------
 # metrics.py
 
