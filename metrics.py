@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 import data
 import model
-from configurator import ANY, above, check, configure, integer, matches, one_of
+from configurator import ANY, Rule, above, at_least, check, configure, integer, matches, one_of
 
 FID_URL = 'https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth'
 LPIPS_URLS = {'vgg': 'https://github.com/richzhang/PerceptualSimilarity/raw/master/lpips/weights/v0.1/vgg.pth',
@@ -533,6 +533,54 @@ def mixing(net, count, batch):
 
 
 @torch.no_grad()
+def edit_score(net, count, batch, strengths, blocks='coarse'):
+    """On shapes: a triangle direction (mean latent of train-split triangles minus that of circles,
+    `count` each at most) applied on `blocks` to `count` held-out circles. Per strength: the share
+    read as a triangle, and how far position (image widths) and colours (per channel, [0, 1]) move
+    from the plain reconstruction (strength 0), as mean absolute differences of the estimates."""
+    import sample
+    dev, train, test = net.const_device(), data.ShapesSource('train'), data.ShapesSource('test')
+    kinds = train.factors(range(6 * count))['shape']
+    codes = {}
+    for kind in (2, 0):                                         # triangles, circles
+        idx = torch.nonzero(kinds == kind)[:count, 0].tolist()
+        codes[kind] = torch.cat([net.encode(train.load_batch(idx[i:i + batch], net.res).float().div(127.5).sub(1).to(dev))
+                                 for i in range(0, len(idx), batch)])
+    direction = codes[2].mean(0) - codes[0].mean(0)
+    circles = torch.nonzero(test.factors(range(6 * count))['shape'] == 0)[:count, 0].tolist()
+    z = torch.cat([net.encode(test.load_batch(circles[i:i + batch], net.res).float().div(127.5).sub(1).to(dev))
+                   for i in range(0, len(circles), batch)])
+    block_range = sample.blocks_of(net, blocks)
+    est = {s: data.estimate_factors(torch.cat([net.decode(sample.move_along(z[i:i + batch], direction, s, block_range,
+                                                                             net.decoder.n_blocks), noise=False).clamp(-1, 1).cpu()
+                                               for i in range(0, len(z), batch)])) for s in (0.0, *strengths)}
+    base = est[0.0]
+    return {f'{s:g}': dict(triangle=float((e['shape'] == 2).float().mean()), circle=float((e['shape'] == 0).float().mean()),
+                           moved_xy=float(((e['x'] - base['x']).abs() + (e['y'] - base['y']).abs()).mean() / 2),
+                           moved_colour=float((e['color'] - base['color']).abs().mean()),
+                           moved_background=float((e['background'] - base['background']).abs().mean()))
+            for s, e in est.items()} | dict(images=len(z), direction_length=float(direction.norm()))
+
+
+def projection_curve(net, count, steps, lpips=None, lpips_weight=1.0, lr=0.01):
+    """On shapes: `count` held-out images projected (sample.project) together; pixel L1 and the
+    shape class read from the decodes at steps 0 (the encoder alone), 10, 30, 100, 300 (up to
+    `steps`), with the wall time per image of each."""
+    import sample
+    test = data.ShapesSource('test')
+    x = test.load_batch(range(count), net.res).float().div(127.5).sub(1).to(net.const_device())
+    truth = test.factors(range(count))['shape']
+    _, history = sample.project(net, x, steps, lpips, lpips_weight, 1.0, lr, keep=True)
+    out = {}
+    for step, seconds, loss, l1, w in history:
+        with torch.no_grad():
+            shape = data.estimate_factors(net.decode(w, noise=False).clamp(-1, 1).cpu())['shape']
+        out[str(step)] = dict(pixel_l1=l1, shape=float((shape == truth).float().mean()), seconds_per_image=seconds / count,
+                              loss=loss)
+    return out
+
+
+@torch.no_grad()
 def invariance_score(net, count, batch, k=model.INVARIANCE_K):
     """Sec. 4.3 on shapes: decode each held-out image with blocks [0, k) driven by the encoding of
     its horizontal mirror (the paper's layers #1-2) and the rest by its own. Flip invariance holds
@@ -574,7 +622,7 @@ def invariance_score(net, count, batch, k=model.INVARIANCE_K):
 # Command line
 
 _before = set(globals())
-metric = 'fid'              # fid | fid_rec | lpips_rec | ppl | pr | mix | invariance
+metric = 'fid'              # fid | fid_rec | lpips_rec | ppl | pr | mix | invariance | edit | project
 out_dir = 'out'             # reads out_dir/ckpt.pt, appends to out_dir/metrics.jsonl
 ckpt = ''                   # another checkpoint file ('' = out_dir/ckpt.pt), an authors' *_state.pth, or ffhq256 etc.
 dataset = ''                # the real images' data set ('' = the one the checkpoint records; needed for the authors')
@@ -586,7 +634,13 @@ folder_res = 256            # folders: centre crop and resize to this, then Ince
 pr_k = 3                    # pr: k of the k-nearest-neighbour balls (Kynkaanniemi et al. 2019)
 rec_count = 10000           # fid_rec, lpips_rec: held-out images (paper: 10k unseen FFHQ images)
 ppl_count = 100000          # ppl: latent pairs (paper: 100k)
-mix_count = 1000            # mix: held-out pairs per group; invariance: held-out images
+mix_count = 1000            # mix: held-out pairs per group; invariance, edit: held-out images
+strengths = (0.5, 1.0, 1.5, 2.0, 3.0)  # edit: steps along the triangle direction
+edit_blocks = 'coarse'      # edit: the blocks the direction moves (coarse | intermediate | fine | all | a:b)
+project_count = 64          # project: held-out images
+project_steps = 300         # project: optimisation steps (scores at 0, 10, 30, 100, 300)
+project_lpips = 1.0         # project: weight of LPIPS (VGG) beside the pixel MSE (0 = the pixel term alone)
+project_lr = 0.01           # project: Adam's learning rate on the per-block latents
 batch = 50                  # images per forward pass
 epsilon = 1e-4              # ppl: step length in latent space
 lpips_net = 'alex'          # lpips_rec backbone (authors' LPIPS used AlexNet)
@@ -603,8 +657,11 @@ device = 'auto'             # auto (cuda if available) | cpu | cuda
 CONFIG_KEYS = sorted(set(globals()) - _before - {'_before'})
 
 RULES = dict(
-    metric=matches(r'fid(\d+k?)?|fid_rec|lpips_rec|ppl|pr|mix|invariance',
-                   'fid (fid50k, fid5k, ...), fid_rec, lpips_rec, ppl, pr, mix or invariance'),
+    metric=matches(r'fid(\d+k?)?|fid_rec|lpips_rec|ppl|pr|mix|invariance|edit|project',
+                   'fid (fid50k, fid5k, ...), fid_rec, lpips_rec, ppl, pr, mix, invariance, edit or project'),
+    strengths=Rule('a tuple of numbers, e.g. (1, 2)', lambda v: len(v) > 0 and all(isinstance(a, (int, float)) for a in v)),
+    edit_blocks=matches(r'coarse|intermediate|fine|all|\d*:\d*', 'coarse, intermediate, fine, all or a:b'),
+    project_count=integer(1), project_steps=integer(0), project_lpips=at_least(0), project_lr=above(0),
     folder_a=ANY, folder_b=ANY, folder_res=integer(8), pr_k=integer(1),
     out_dir=ANY, ckpt=ANY, dataset=one_of('', *data.DATASETS), data_root=ANY, fid_count=integer(2),
     rec_count=integer(2), ppl_count=integer(1), mix_count=integer(1), batch=integer(1), epsilon=above(0),
@@ -725,6 +782,32 @@ def main(cfg):
             value = path_length(net, lp, count, cfg['batch'], dataset, cfg['crop'], cfg['epsilon'], cfg['seed'])
             name = f'ppl{_count_name(count)}'
         protocol = f'LPIPS v0.1 {which}, crop {cfg["crop"]}' + (f', slerp, eps {cfg["epsilon"]}, 1-99% kept' if name.startswith('ppl') else '')
+    elif name in ('edit', 'project'):
+        if dataset != 'shapes':
+            raise SystemExit(f'error: the {name} score needs the shapes data set (its factors are known); this '
+                             f'checkpoint was trained on {dataset}')
+        if name == 'edit':
+            try:
+                value = edit_score(net, cfg['mix_count'], cfg['batch'], cfg['strengths'], cfg['edit_blocks'])
+            except ValueError as e:
+                raise SystemExit(f'error: {e}')
+            name, protocol = f'edit{_count_name(value["images"])}', (f'direction: train triangles minus circles, on '
+                                                                    f'{cfg["edit_blocks"]}; held-out circles')
+            for s_, row in value.items():
+                if isinstance(row, dict):
+                    print(f'strength {s_:>4s}: triangle {row["triangle"]:.2f} circle {row["circle"]:.2f} | position moved {row["moved_xy"]:.3f} | '
+                          f'colour {row["moved_colour"]:.3f} | background {row["moved_background"]:.3f}')
+        else:
+            import sample
+            lp = sample.lpips_for_projection(dict(lpips=cfg['project_lpips'], vgg_backbone=cfg['vgg_backbone'],
+                                                  lpips_vgg=cfg['lpips_vgg']), '--project_lpips')
+            value = projection_curve(net, cfg['project_count'], cfg['project_steps'], lp.to(dev) if lp else None,
+                                     cfg['project_lpips'], cfg['project_lr'])
+            name = f'project{_count_name(cfg["project_count"])}'
+            protocol = f'held-out images, Adam lr {cfg["project_lr"]}, MSE + {cfg["project_lpips"]} LPIPS (VGG)'
+            for step, row in value.items():
+                print(f'step {step:>4s}: pixel L1 {row["pixel_l1"]:.4f} | shape {row["shape"]:.2f} | '
+                      f'{row["seconds_per_image"] * 1000:.1f} ms per image')
     elif name in ('mix', 'invariance'):
         if dataset != 'shapes':
             raise SystemExit(f'error: the {name} score needs the shapes data set (its factors are known); this '

@@ -10,6 +10,9 @@
     python sample.py --ckpt=ffhq256 --mix coarse --inputs=my_aligned_faces/   # the authors' model
     python sample.py --mode=encode --inputs=photos/ --latents=z.pt   # {file name: latent}, for your own tools
     python sample.py --mode=decode --latents=z.pt --singles=True     # draw them back (per-block latents too)
+    python sample.py --mode=direction --positive=smiling/ --negative=neutral/ --out=smile.pt
+    python sample.py --mode=edit --direction=smile.pt --inputs=faces/ --mix=all --strength="(0, 1, 2)"
+    python sample.py --mode=project --inputs=faces/ --steps=100   # encoder, then optimisation (Fig. 15)
 
 Reads out_dir/ckpt.pt (or --ckpt), decodes with the EMA decoder at the resolution the checkpoint
 reached, and writes one PNG grid into out_dir (its path is printed). Real inputs default to the
@@ -19,6 +22,7 @@ their own resize -> centre crop -> resize). Face models expect aligned faces, as
 are. The functions are importable: encode / mix / decode without the CLI.
 """
 import os
+import time
 import warnings
 
 import torch
@@ -27,11 +31,11 @@ from torchvision.utils import save_image
 
 import data
 import model
-from configurator import ANY, check, configure, integer, matches, one_of
+from configurator import ANY, Rule, above, at_least, check, configure, integer, matches, one_of
 
 _before = set(globals())
-mode = 'mix'                # mix | recon | random | cond | interp | invariance | encode | decode
-mix = 'coarse'              # mix: blocks that take B's latents: coarse (4-8) | intermediate (16-32) | fine (64+) | a:b
+mode = 'mix'                # mix | recon | random | cond | interp | invariance | encode | decode | direction | edit | project
+mix = 'coarse'              # mix: blocks that take B's latents; edit: blocks moved: coarse (4-8) | intermediate (16-32) | fine (64+) | a:b | all
 cond = 'coarse'             # cond: blocks the input fixes, random latents drive the rest
 out_dir = 'out'             # where ckpt.pt is read and the grid is written
 ckpt = ''                   # checkpoint file ('' = out_dir/ckpt.pt), an authors' *_state.pth, or ffhq256 etc.
@@ -39,22 +43,34 @@ inputs = ''                 # real images: a folder or comma-separated files (''
 inputs_b = ''               # mix: the top row's sources ('' = the images after the first n of inputs)
 n = 6                       # sources per row / column, inputs in recon and cond, samples in random
 draws = 6                   # cond: random draws per input
-steps = 7                   # interp: grid size
+steps = 0                   # interp: grid size (0 = 7); project: optimisation steps (0 = 100)
 seed = 0                    # random latents
 noise = False               # decode with layer noise (off: deterministic)
 ema = True                  # use the EMA decoder
 zoom = 0                    # enlarge tiles by this factor (0 = auto: tiles of at least 64 px)
 singles = False             # also write every tile as its own PNG under out_dir/<mode>/
 out = ''                    # output file ('' = out_dir/<mode>_<detail>.png)
-latents = ''                # encode: where to write {file name: latent}; decode: what to draw ('' = out_dir/latents.pt)
+latents = ''                # encode, project: where to write {file name: latent}; decode: what to draw ('' = out_dir/latents.pt)
+positive = ''               # direction: images with the attribute (a folder or files) ...
+negative = ''               # ... and without it; the direction is the difference of their mean latents
+direction = ''              # edit: a direction file from --mode=direction
+strength = (0.0, 0.5, 1.0, 1.5, 2.0)  # edit: steps along the direction, one column each
+lpips = 1.0                 # project: weight of LPIPS (VGG) in the loss (0 = the pixel term alone, no weights needed)
+pixel = 1.0                 # project: weight of the mean squared pixel error
+project_lr = 0.01           # project: Adam's learning rate on the per-block latents
+vgg_backbone = ''           # project: path of torchvision's vgg16-397923af.pth ('' = official URL)
+lpips_vgg = ''              # project: path of LPIPS v0.1 vgg.pth ('' = official URL)
 device = 'auto'             # auto (cuda if available) | cpu | cuda
 CONFIG_KEYS = sorted(set(globals()) - _before - {'_before'})
 
-MODES = ('mix', 'recon', 'random', 'cond', 'interp', 'invariance', 'encode', 'decode')
-_BLOCKS = matches(r'coarse|intermediate|fine|\d*:\d*', "coarse, intermediate, fine or a:b (block indices)")
+MODES = ('mix', 'recon', 'random', 'cond', 'interp', 'invariance', 'encode', 'decode', 'direction', 'edit', 'project')
+_BLOCKS = matches(r'coarse|intermediate|fine|all|\d*:\d*', "coarse, intermediate, fine, all or a:b (block indices)")
 RULES = dict(mode=one_of(*MODES), mix=_BLOCKS, cond=_BLOCKS, out_dir=ANY, ckpt=ANY, inputs=ANY, inputs_b=ANY,
-             n=integer(1), draws=integer(1), steps=integer(2), seed=integer(0), noise=ANY, ema=ANY,
-             zoom=integer(0), singles=ANY, out=ANY, latents=ANY, device=ANY)
+             n=integer(1), draws=integer(1), steps=integer(0), seed=integer(0), noise=ANY, ema=ANY,
+             zoom=integer(0), singles=ANY, out=ANY, latents=ANY, positive=ANY, negative=ANY, direction=ANY,
+             strength=Rule('a tuple of numbers, e.g. (0, 1, 2)', lambda v: len(v) > 0 and all(
+                 isinstance(a, (int, float)) and not isinstance(a, bool) for a in v)),
+             lpips=at_least(0), pixel=at_least(0), project_lr=above(0), vgg_backbone=ANY, lpips_vgg=ANY, device=ANY)
 
 
 # --------------------------------------------------------------------------------------------
@@ -107,7 +123,9 @@ def used_blocks(net):
 
 
 def blocks_of(net, spec):
-    """A group name or a:b range -> range of blocks, checked against what this checkpoint uses."""
+    """A group name, 'all' or an a:b range -> range of blocks, checked against what this checkpoint uses."""
+    if spec == 'all':
+        return range(0, net.decoder.n_blocks)
     return model.block_range(spec, used_blocks(net), net.cfg.extra_8x8)
 
 
@@ -188,15 +206,91 @@ def save_grid(rows, path, res, zoom=0):
 
 
 # --------------------------------------------------------------------------------------------
+# Editing: attribute directions (the authors ship such deltas in pioneer/attrib/) and projection
+
+@torch.no_grad()
+def latent_direction(net, positive, negative):
+    """Mean latent of the images with an attribute minus that of the images without: (nz,)."""
+    return net.encode(positive).mean(0) - net.encode(negative).mean(0)
+
+
+def move_along(z, direction, strength, blocks, n_blocks):
+    """Per-block latents (B, n_blocks, nz): z moved by strength * direction on `blocks` and put back
+    on the unit sphere; the other blocks keep z."""
+    moved = F.normalize(z + strength * direction.to(z), dim=-1)
+    return model.mix_latents(z, moved, blocks, n_blocks)
+
+
+@torch.no_grad()
+def edit_grid(net, x, direction, strengths, blocks, noise=False):
+    """Each row: an input, then its decode moved along `direction` by each strength."""
+    z = net.encode(x)
+    rows = []
+    for i in range(len(x)):
+        cells = [net.decode(move_along(z[i:i + 1], direction, s, blocks, net.decoder.n_blocks), noise=noise)
+                 for s in strengths]
+        rows.append(torch.cat([x[i:i + 1], *cells]))
+    return rows
+
+
+def project(net, x, steps, lpips=None, lpips_weight=1.0, pixel_weight=1.0, lr=0.01, report=(0, 10, 30, 100, 300),
+            keep=False):
+    """Refine the encoder's latents of x by Adam on lpips_weight LPIPS + pixel_weight MSE. Starts
+    from the encoder's z repeated per block (the per-block latents of Eq. 5-9, this model's W+);
+    each block's latent is kept on the sphere (normalized in the forward). Returns the refined
+    (B, n_blocks, nz) latents and [(step, seconds, loss, pixel L1)] at the `report` steps and the last
+    one, with keep=True also the latents of that step; the seconds include the encoder's pass (step 0
+    is the encoder alone)."""
+    was = [p.requires_grad for p in net.parameters()]
+    net.requires_grad_(False)
+    start = time.time()
+    with torch.no_grad():
+        z = net.encode(x)
+    w = z[:, None].repeat(1, net.decoder.n_blocks, 1).requires_grad_(True)
+    opt = torch.optim.Adam([w], lr=lr)
+    history = []
+    for step in range(steps + 1):
+        y = net.decode(F.normalize(w, dim=-1), noise=False)
+        loss = pixel_weight * (y - x).pow(2).mean((1, 2, 3))
+        if lpips is not None and lpips_weight > 0:
+            loss = loss + lpips_weight * lpips(y, x)
+        if step in report or step == steps:
+            history.append((step, time.time() - start, loss.mean().item(), (y - x).abs().mean().item())
+                           + ((F.normalize(w.detach(), dim=-1).clone(),) if keep else ()))
+        if step == steps:
+            break
+        opt.zero_grad(set_to_none=True)
+        loss.sum().backward()
+        opt.step()
+    for p, r in zip(net.parameters(), was):
+        p.requires_grad_(r)
+    return F.normalize(w.detach(), dim=-1), history
+
+
+def lpips_for_projection(cfg, weight_flag='--lpips'):
+    """metrics.LPIPS (VGG) from local files or the official URLs, or None with weight 0."""
+    if cfg['lpips'] == 0:
+        return None
+    import metrics
+    try:
+        return metrics.LPIPS('vgg', cfg['vgg_backbone'], cfg['lpips_vgg'])
+    except (FileNotFoundError, metrics.MissingWeights) as e:
+        raise SystemExit(f'error: projection with LPIPS needs its VGG weights, which could not be loaded '
+                         f'({str(e).splitlines()[0][:300]}); pass --vgg_backbone=PATH and --lpips_vgg=PATH, '
+                         f'or {weight_flag}=0 for the pixel term alone') from None
+
+
+# --------------------------------------------------------------------------------------------
 # Latents as files: {name: (nz,) or per-block (n_blocks, nz)}, for editing, interpolating or
 # clustering with other tools
 
 def save_latents(latents, path):
-    """Write {name: latent} with torch.save, atomically."""
+    """Write {name: latent} (or one tensor, a direction) with torch.save, atomically."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + '.tmp'
+    cpu = (lambda v: v.detach().float().cpu())
     try:
-        torch.save({k: v.detach().float().cpu() for k, v in latents.items()}, tmp)
+        torch.save(cpu(latents) if torch.is_tensor(latents) else {k: cpu(v) for k, v in latents.items()}, tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -229,8 +323,8 @@ def latent_name(path, spec):
 
 
 @torch.no_grad()
-def encode_to_file(net, spec, path, crop=None, batch=32):
-    """Encode every readable image of `spec` (a folder or files), a batch at a time; write {name: z}."""
+def encode_all(net, spec, crop=None, batch=32):
+    """{name: z} for every readable image of `spec` (a folder or files), a batch at a time."""
     paths, found = image_paths(spec), {}
     for i in range(0, len(paths), batch):
         try:
@@ -241,8 +335,31 @@ def encode_to_file(net, spec, path, crop=None, batch=32):
             found[latent_name(name, spec)] = z
     if not found:
         raise SystemExit(f'error: none of the inputs could be read ({spec!r})')
-    save_latents(found, path)
     return found
+
+
+def write_direction(net, cfg):
+    """--mode=direction: mean latent of --positive minus that of --negative, to --out."""
+    if not (cfg['positive'] and cfg['negative']):
+        raise SystemExit('error: --mode=direction needs --positive=DIR (with the attribute) and --negative=DIR')
+    pos, neg = (torch.stack(list(encode_all(net, cfg[k], net.input_crop).values())) for k in ('positive', 'negative'))
+    target = cfg['out'] or os.path.join(cfg['out_dir'], 'direction.pt')
+    save_latents(pos.mean(0) - neg.mean(0), target)
+    print(f'wrote {target} (mean latent of {len(pos)} positive minus {len(neg)} negative images; '
+          f'length {(pos.mean(0) - neg.mean(0)).norm():.3f})')
+    return target
+
+
+def load_direction(path, net):
+    try:
+        d = torch.load(path, map_location='cpu', weights_only=True)
+    except FileNotFoundError:
+        raise SystemExit(f'error: no direction file at {path!r}; make one with --mode=direction') from None
+    if not torch.is_tensor(d) or tuple(d.shape) != (net.cfg.nz,):
+        got = tuple(d.shape) if torch.is_tensor(d) else type(d).__name__
+        raise SystemExit(f'error: {path} is not a direction for this checkpoint: expected a tensor of shape '
+                         f'({net.cfg.nz},), got {got}')
+    return d.float().to(net.const_device())
 
 
 # --------------------------------------------------------------------------------------------
@@ -264,14 +381,23 @@ def main(cfg):
     if cfg['mode'] == 'encode':
         if not cfg['inputs']:
             raise SystemExit('error: --mode=encode needs --inputs=FOLDER (or comma-separated files)')
-        found = encode_to_file(net, cfg['inputs'], latents_path, net.input_crop)
+        found = encode_all(net, cfg['inputs'], net.input_crop)
+        save_latents(found, latents_path)
         print(f'wrote {latents_path} ({len(found)} latents of size {net.cfg.nz}; {res}x{res} checkpoint at {path})')
         return latents_path
+    if cfg['mode'] == 'direction':
+        return write_direction(net, cfg)
     names = None
+    want = want or (k if cfg['mode'] in ('edit', 'project') else 0)
     if want and not cfg['inputs'] and (net.input_crop or saved.get('dataset', 'shapes') != 'shapes' and not saved.get('data_root')):
         raise SystemExit(f'error: {path} records no images to use; pass --inputs=FOLDER (or comma-separated files)')
     if want:
-        x = read_images(cfg['inputs'], res, net.input_crop)[0] if cfg['inputs'] else test_images(saved, res, want)
+        if cfg['inputs']:
+            x, paths = read_images(cfg['inputs'], res, net.input_crop)
+            inputs = [latent_name(p, cfg['inputs']) for p in paths]
+        else:
+            x = test_images(saved, res, want)
+            inputs = [f'test_{i:05d}' for i in range(len(x))]
         x = x.to(dev)
     try:
         if cfg['mode'] in ('mix', 'invariance'):
@@ -293,6 +419,21 @@ def main(cfg):
             cols = min(8, len(images))
             rows, detail = [images[i:i + cols] for i in range(0, len(images), cols)], os.path.splitext(
                 os.path.basename(latents_path))[0]
+        elif cfg['mode'] == 'edit':
+            rows = edit_grid(net, x, load_direction(cfg['direction'], net), cfg['strength'], blocks_of(net, cfg['mix']),
+                             noise_on)
+            detail = f'{os.path.splitext(os.path.basename(cfg["direction"]))[0]}_{cfg["mix"].replace(":", "-")}'
+        elif cfg['mode'] == 'project':
+            lpips = lpips_for_projection(cfg)
+            refined, history = project(net, x, cfg['steps'] or 100, lpips.to(dev) if lpips else None, cfg['lpips'],
+                                       cfg['pixel'], cfg['project_lr'])
+            for step, seconds, loss, l1 in history:
+                print(f'step {step:5d} | {seconds:7.2f} s | loss {loss:.4f} | pixel L1 {l1:.4f}')
+            save_latents(dict(zip(inputs, refined)), latents_path)
+            print(f'wrote {latents_path} ({len(x)} per-block latents)')
+            with torch.no_grad():
+                rows = [x, net.reconstruct(x, noise=False), net.decode(refined, noise=False)]
+            detail = f'{history[-1][0]}steps'
         elif cfg['mode'] == 'recon':
             rows, detail = recon_grid(net, x, noise_on), f'{len(x)}'
         elif cfg['mode'] == 'random':
@@ -303,7 +444,10 @@ def main(cfg):
         else:
             if len(x) < 4:
                 raise SystemExit(f'error: interp needs 4 input images, got {len(x)}')
-            rows, detail = interp_grid(net, x[:4], cfg['steps'], noise_on), f'{cfg["steps"]}x{cfg["steps"]}'
+            size = cfg['steps'] or 7
+            if size < 2:
+                raise SystemExit(f'error: interp needs --steps of 2 or more, got {size}')
+            rows, detail = interp_grid(net, x[:4], size, noise_on), f'{size}x{size}'
     except ValueError as e:                                   # a block range this checkpoint does not have
         raise SystemExit(f'error: {e}')
     target = cfg['out'] or os.path.join(cfg['out_dir'], f"{cfg['mode']}_{detail}.png")

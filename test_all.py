@@ -1467,6 +1467,50 @@ def test_sample_latents_as_files_encode_then_decode(tiny_ckpt, tmp_path):
     assert 'needs --inputs' in _error_of(_sample, out_dir=str(tiny_ckpt), mode='encode')
 
 
+def test_sample_direction_edit_and_projection(tiny_ckpt, tmp_path):
+    from PIL import Image
+    import sample as S
+    net = M.load_checkpoint(str(tiny_ckpt / 'ckpt.pt'))
+    for name, colour in (('pos', (230, 40, 40)), ('neg', (40, 40, 230))):
+        (tmp_path / name).mkdir()
+        for k in range(4):
+            Image.new('RGB', (16, 16), tuple(c + 5 * k for c in colour)).save(tmp_path / name / f'{k}.png')
+    path = _sample(out_dir=str(tiny_ckpt), mode='direction', positive=str(tmp_path / 'pos'),
+                   negative=str(tmp_path / 'neg'), out=str(tmp_path / 'red.pt'))
+    d = torch.load(path, weights_only=True)
+    z_pos, z_neg = (net.encode(S.read_images(str(tmp_path / n), 16)[0]) for n in ('pos', 'neg'))
+    assert torch.allclose(d, z_pos.mean(0) - z_neg.mean(0), atol=1e-6)
+    assert (z_pos @ d).min() > (z_neg @ d).max()                  # the direction points from neg to pos
+    x = S.read_images(str(tmp_path / 'neg'), 16)[0][:2]
+    coarse = S.blocks_of(net, 'coarse')
+    moved = S.move_along(net.encode(x), d, 1.0, coarse, net.decoder.n_blocks)
+    assert torch.allclose(moved.norm(dim=-1), torch.ones(2, net.decoder.n_blocks))   # on the sphere
+    assert torch.equal(moved[:, 2:], net.encode(x)[:, None].expand(-1, net.decoder.n_blocks - 2, -1))
+    assert not torch.allclose(moved[:, :2], net.encode(x)[:, None].expand(-1, 2, -1))
+    rows = S.edit_grid(net, x, d, (0.0, 2.0), coarse)
+    with torch.no_grad():
+        assert torch.allclose(rows[0][1], net.reconstruct(x[:1], noise=False)[0], atol=1e-5)   # strength 0
+    out = _sample(out_dir=str(tiny_ckpt), mode='edit', direction=path, inputs=str(tmp_path / 'neg'), n=2,
+                  strength=(0.0, 1.0, 2.0))
+    assert _png(out).shape == grid_shape(4, 4)                 # every input a row: itself, then 3 strengths
+    torch.save(torch.ones(5), tmp_path / 'short.pt')
+    assert 'expected a tensor of shape (32,), got (5,)' in _error_of(
+        _sample, out_dir=str(tiny_ckpt), mode='edit', direction=str(tmp_path / 'short.pt'))
+    # projection: the loss falls, and the refined latents decode closer to the inputs than the encoder's
+    x = S.test_images({'dataset': 'shapes'}, 16, 4)
+    refined, history = S.project(net, x, 30, lpips=None, lr=0.01, report=(0, 10))
+    assert [h[0] for h in history] == [0, 10, 30] and history[-1][2] < history[0][2]
+    with torch.no_grad():
+        l1_enc = (net.reconstruct(x, noise=False) - x).abs().mean()
+        l1_refined = (net.decode(refined, noise=False) - x).abs().mean()
+    assert l1_refined < l1_enc and history[0][3] == pytest.approx(float(l1_enc), rel=1e-5)
+    assert refined.shape == (4, net.decoder.n_blocks, 32) and torch.allclose(refined.norm(dim=-1), torch.ones(4, 3))
+    latents = tmp_path / 'proj.pt'
+    _sample(out_dir=str(tiny_ckpt), mode='project', lpips=0.0, steps=5, n=2, latents=str(latents))
+    assert list(torch.load(latents, weights_only=True)) == ['test_00000', 'test_00001']
+    assert _sample(out_dir=str(tiny_ckpt), mode='decode', latents=str(latents)).endswith('decode_proj.png')
+
+
 # ---------------------------------------------------------------------------------------------
 # metrics.py
 
@@ -1623,6 +1667,16 @@ def test_metrics_between_two_folders(tiny_ckpt, tmp_path):
         assert 'none of the 1 images under' in _error_of(measure, folder_b=str(empty))
     assert 'needs both --folder_a=DIR' in _error_of(measure, folder_b='')
     assert '--metric=ppl needs a checkpoint' in _error_of(measure, metric='ppl')
+
+
+def test_metrics_edit_and_projection_scores_on_shapes(tiny_ckpt):
+    import metrics as MT
+    net = M.load_checkpoint(str(tiny_ckpt / 'ckpt.pt'))
+    edit = MT.edit_score(net, count=12, batch=12, strengths=(1.0, 3.0))
+    assert set(edit) == {'0', '1', '3', 'images', 'direction_length'} and edit['images'] == 12
+    assert edit['0']['moved_xy'] == 0 and all(0 <= edit[s]['triangle'] <= 1 for s in ('0', '1', '3'))
+    curve = MT.projection_curve(net, count=4, steps=10)
+    assert list(curve) == ['0', '10'] and curve['10']['pixel_l1'] < curve['0']['pixel_l1']
 
 
 def test_metrics_bad_input(tiny_ckpt):
