@@ -199,6 +199,18 @@ class AdaptiveRobustLoss(nn.Module):
 # ---------------------------------------------------------------------------------------------
 # The automodulator's terms
 
+def pixel_distance(kind, robust):
+    """d of Eq. 6 as a function of the residual: Barron's adaptive loss `robust` (the paper), or the
+    plain mean absolute ('l1') or squared ('l2') error, the ablation of d_rho in the paper's Table 1."""
+    if kind == 'robust':
+        return robust
+    if kind == 'l1':
+        return lambda r: r.abs().mean()
+    if kind == 'l2':
+        return lambda r: r.pow(2).mean()
+    raise ValueError(f"the pixel distance must be 'robust', 'l1' or 'l2', got {kind!r}")
+
+
 def kl_prior(z):
     """AGE/PIONEER's empirical KL: fit N(m, v) per dimension to the batch (biased v) and return
     KL(N(m, v) || N(0, 1)) = (v + m^2 - log v - 1) / 2, averaged over dimensions."""

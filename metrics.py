@@ -488,12 +488,14 @@ def path_length(net, lpips, count, batch, dataset, crop='auto', epsilon=1e-4, se
 
 
 LAYOUT, APPEARANCE = ('shape', 'x', 'y', 'size'), ('color', 'background', 'texture')
+CONTINUOUS = ('x', 'y', 'size', 'color', 'background')     # scored relatively too (nearer A or B)
 
 
 def mix_score(images, factors_a, factors_b):
     """For images that mix sources A and B: per factor, the share of images whose estimated factor
     matches A's and the share that matches B's (within data.FACTOR_TOLERANCE), counted over the pairs
-    where A and B differ in that factor."""
+    where A and B differ in that factor; for the continuous factors also `b_nearer`, the share whose
+    estimate lies nearer B's value than A's (a relative score that sees colours the strict one misses)."""
     est = data.estimate_factors(images)
     follows_a, follows_b = data.factor_errors(est, factors_a), data.factor_errors(est, factors_b)
     differ = data.factor_errors(factors_a, factors_b)
@@ -503,6 +505,9 @@ def mix_score(images, factors_a, factors_b):
         n = int(d.sum())
         out[k] = dict(a=float(follows_a[k][d].float().mean()) if n else float('nan'),
                       b=float(follows_b[k][d].float().mean()) if n else float('nan'), pairs=n)
+        if k in CONTINUOUS and n:            # relative: the estimate lies nearer B's value than A's
+            dist_a, dist_b = ((est[k].float() - f[k].float()).reshape(len(d), -1).norm(dim=1) for f in (factors_a, factors_b))
+            out[k]['b_nearer'] = float((dist_b < dist_a)[d].float().mean())
     return out
 
 
@@ -822,8 +827,9 @@ def main(cfg):
             value = mixing(net, cfg['mix_count'], cfg['batch'])
             name, protocol = f'mix{_count_name(cfg["mix_count"])}', "B's latents on the group's blocks, A's elsewhere; share of each factor matching A / B"
             for group, scores in value.items():
-                print(f'{group:13s} layout follows B: ' + ' '.join(f'{k} {scores[k]["b"]:.2f}' for k in LAYOUT) +
-                      ' | appearance follows B: ' + ' '.join(f'{k} {scores[k]["b"]:.2f}' for k in APPEARANCE))
+                print(f'{group:13s} strict, follows B: ' + ' '.join(f'{k} {scores[k]["b"]:.2f}' for k in LAYOUT + APPEARANCE)
+                      + ' | nearer B: ' + ' '.join(f'{k} {scores[k]["b_nearer"]:.2f}' for k in CONTINUOUS
+                                                   if 'b_nearer' in scores[k]))
     else:
         raise SystemExit(f"error: unknown --metric={name!r}; use fid (fid50k, fid5k, ...), fid_rec, lpips_rec, ppl, pr, mix or invariance")
     record = dict(metric=name, value=value, kimg=net.kimg, res=net.res, ckpt=os.path.abspath(net.path),

@@ -1207,6 +1207,17 @@ def test_train_fine_tunes_an_authors_checkpoint(tmp_path):
     assert _close(ck['encoder'], theirs.encoder.state_dict())
 
 
+def test_train_pixel_distance_switch(tmp_path):
+    r = torch.randn(2, 3, 4, 4)
+    robust = L.AdaptiveRobustLoss(4)
+    assert L.pixel_distance('robust', robust) is robust
+    assert torch.equal(L.pixel_distance('l1', robust)(r), r.abs().mean())
+    assert torch.equal(L.pixel_distance('l2', robust)(r), r.pow(2).mean())
+    ck = run_train(tmp_path, recon='l1', total_kimg=0.016)
+    fresh = L.AdaptiveRobustLoss(16).state_dict()            # d_rho unused: its alpha and scale never move
+    assert all(torch.equal(v, fresh[k]) for k, v in ck['robust'].items() if torch.is_tensor(v))
+
+
 def test_train_gives_back_the_signal_handlers(tmp_path):
     import signal
     before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
@@ -1595,6 +1606,12 @@ def test_mix_score_reads_layout_from_a_and_appearance_from_b():
         assert score[k]['a'] > 0.95 and score[k]['b'] < 0.1, (k, score[k])
     for k in MT.APPEARANCE:
         assert score[k]['b'] > 0.95 and score[k]['a'] < 0.1, (k, score[k])
+    assert all(score[k]['b_nearer'] < 0.05 for k in ('x', 'y', 'size'))
+    assert all(score[k]['b_nearer'] > 0.95 for k in ('color', 'background'))
+    # colours 60% of the way from A's to B's: the strict share misses most, the relative one does not
+    mixed = {**mixed, 'color': torch.lerp(fa['color'], fb['color'], 0.6)}
+    score = MT.mix_score(D.render_factors(mixed, 32), fa, fb)
+    assert score['color']['b'] < 0.4 and score['color']['b_nearer'] > 0.95, score['color']
 
 
 def test_metrics_on_a_tiny_checkpoint(tiny_ckpt, tmp_path):

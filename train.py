@@ -66,6 +66,7 @@ lambda_x_stable = 3.0       # ... and in the second half
 lambda_z = 2.0              # latent cosine reconstruction
 lambda_j = 10.0             # layer-specific loss L_j
 lambda_x_dec = 0.0          # not in the paper: the decoder also reconstructs real images (on in the shapes preset)
+recon = 'robust'            # the pixel distance d of Eq. 6: robust (Barron's, the paper) | l1 | l2 (Table 1's ablation)
 beta1 = 0.0                 # Adam's first-moment decay, encoder (paper A.1: 0; 0.9 destabilized the KL game on shapes)
 beta1_dec = 0.0             # ... and decoder (paper A.1: 0)
 mix_ratio = 0.25            # share of style-mixed samples among the fakes (paper 1/4; authors' D step 1/2)
@@ -126,7 +127,7 @@ RULES = dict(
     batch_size=per_resolution(integer(1)), lr=per_resolution(above(0)),
     margin=per_resolution(Rule('a number >= 0, or None for no clamp', lambda m: m is None or at_least(0).ok(m))),
     lambda_x_fade=at_least(0), lambda_x_stable=at_least(0), lambda_z=at_least(0), lambda_j=at_least(0),
-    lambda_x_dec=at_least(0), beta1=between(0, 1, open_hi=True), beta1_dec=between(0, 1, open_hi=True),
+    lambda_x_dec=at_least(0), recon=one_of('robust', 'l1', 'l2'), beta1=between(0, 1, open_hi=True), beta1_dec=between(0, 1, open_hi=True),
     mix_ratio=between(0, 1), ema_decay=between(0, 1),
     device=ANY, dtype=one_of(*model.DTYPES), compile=ANY, channels_last=ANY, seed=integer(0),
     out_dir=ANY, init_from=Rule("'scratch', 'resume', or a checkpoint to fine-tune (a path or a released model's name)",
@@ -411,6 +412,7 @@ class Trainer:
         self.encoder, self.decoder = net.encoder, net.decoder
         self.ema = model.make_ema(self.decoder)
         self.robust = losses.AdaptiveRobustLoss(mcfg.max_res).to(dev)
+        self.distance = losses.pixel_distance(cfg['recon'], self.robust)   # d of Eq. 6
         # paper A.1: Adam, beta1 = 0, beta2 = 0.99; the robust loss's alpha and scale learn with the encoder
         self.opt_enc = torch.optim.Adam(list(self.encoder.parameters()) + list(self.robust.parameters()),
                                         lr=cfg['lr'][4], betas=(cfg['beta1'], 0.99), eps=1e-8)
@@ -489,7 +491,7 @@ class Trainer:
                                       rank=self.rank, world=self.world).images
         with self.autocast:
             loss_enc, parts_enc = losses.encoder_loss(
-                self.encoder, self.decoder, self.robust, x, fakes.float(), res, alpha, cfg['margin'][res], lambda_x,
+                self.encoder, self.decoder, self.distance, x, fakes.float(), res, alpha, cfg['margin'][res], lambda_x,
                 extra_kl=cfg['extra_kl'] or authors, upper_clamp=cfg['upper_clamp'] or authors, gather=gather,
                 invariance_k=model.INVARIANCE_K if invariance_on(cfg, res, alpha) else 0)
         self.update(loss_enc, parts_enc, 'encoder', self.opt_enc, self.scaler_enc,
@@ -501,7 +503,7 @@ class Trainer:
         with self.autocast:
             loss_dec, parts_dec = losses.decoder_loss(
                 self.encoder, self.decoder, x.shape[0], res, alpha, cfg['mix_ratio'], cfg['lambda_z'], cfg['lambda_j'],
-                self.gen, rank=self.rank, world=self.world, gather=gather, x=x, robust=self.robust,
+                self.gen, rank=self.rank, world=self.world, gather=gather, x=x, robust=self.distance,
                 lambda_x=cfg['lambda_x_dec'])
         self.update(loss_dec, parts_dec, 'decoder', self.opt_dec, self.scaler_dec, list(self.decoder.parameters()))
         self.encoder.requires_grad_(True)
@@ -640,13 +642,15 @@ def main(cfg):
 
 
 def run(cfg):
+    """main's body: the steps of a run, from the device to the last grid."""
     # Set up the processes and the device.
     rank, world, local = (int(os.environ.get(k, d)) for k, d in (('RANK', 0), ('WORLD_SIZE', 1), ('LOCAL_RANK', 0)))
     master = rank == 0
     say = print if master else (lambda *a, **k: None)
     resume, fine_tune = cfg['init_from'] == 'resume', cfg['init_from'] not in ('scratch', 'resume')
     ck = read_checkpoint(cfg['out_dir']) if resume else None
-    start_res = ck.get('start_res', 4) if resume else fine_tune_source(cfg['init_from']).res if fine_tune else 4
+    source = fine_tune_source(cfg['init_from']) if fine_tune else None
+    start_res = ck.get('start_res', 4) if resume else source.res if fine_tune else 4
     table, end_kimg = phase_table(cfg['max_res'], cfg['phase_kimg'], cfg['total_kimg'], start_res)
     if cfg['dry_run']:
         say(json.dumps(cfg, indent=1, default=str))
@@ -665,7 +669,7 @@ def run(cfg):
     if resume:
         mcfg = model.ModelConfig(**ck['model_config'])
     elif fine_tune:
-        mcfg = replace(fine_tune_source(cfg['init_from']).cfg, max_res=cfg['max_res'])
+        mcfg = replace(source.cfg, max_res=cfg['max_res'])
     else:
         mcfg = model_config_from(cfg)
     t = Trainer(cfg, mcfg, dev, rank, world)
