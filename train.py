@@ -246,7 +246,7 @@ def fine_tune_source(name):
     try:
         return model.load_checkpoint(name)
     except (FileNotFoundError, ValueError) as e:
-        _fail(f'--init_from={name}: {e}')
+        _fail(f'--init_from={name!r} is not scratch or resume, so it names a checkpoint to fine-tune, and: {e}')
 
 
 def architecture_settings(net):
