@@ -1118,8 +1118,6 @@ def test_train_new_run_refuses_an_out_dir_that_holds_one(tmp_path):
     with pytest.raises(SystemExit, match=r'ckpt.pt holds a run already; continue it with --init_from=resume, '
                                          r'or start a new one with --out_dir='):
         T.settings({**TINY_TRAIN, 'out_dir': str(tmp_path)})
-    r = _cli('train.py', f'--out_dir={tmp_path}', '--max_res=16')
-    assert r.returncode != 0 and r.stderr.strip().count('\n') == 0 and '--init_from=resume' in r.stderr
     assert {f: (tmp_path / f).read_bytes() for f in os.listdir(tmp_path)} == files
 
 
@@ -1329,11 +1327,10 @@ def test_train_wandb_missing_is_named_before_the_data_is_loaded(tmp_path, monkey
 
 
 def test_train_command_line_errors_exit_without_out_dir(tmp_path):
-    out = tmp_path / 'never'
-    for bad, message in (('--max_reso=64', 'did you mean --max_res'), ('--fade=2', 'expected a number in [0, 1]')):
-        r = _cli('train.py', f'--out_dir={out}', bad)
-        assert r.returncode != 0 and message in r.stderr and r.stderr.strip().count('\n') == 0, (bad, r.stderr)
-        assert not out.exists()
+    out = tmp_path / 'never'                      # the command line reaches the same checks (in-process above)
+    r = _cli('train.py', f'--out_dir={out}', '--fade=2')
+    assert r.returncode != 0 and r.stderr.strip() == 'error: --fade=2.0 is not valid; expected a number in [0, 1]'
+    assert not out.exists()
 
 
 def _train_args(out_dir, batch):
