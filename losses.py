@@ -325,7 +325,8 @@ def encoder_loss(encoder, decoder, robust, x, fakes, res, alpha, margin, lambda_
     return loss, {k: v.detach() for k, v in parts.items()}
 
 
-def decoder_loss(encoder, decoder, n, res, alpha, mix_ratio, lambda_z, lambda_j, generator=None, noise=True, rank=0, world=1, gather=_same,
+def decoder_loss(encoder, decoder, n, res, alpha, mix_ratio, lambda_z, lambda_j, generator=None, noise=True,
+                 rank=0, world=1, gather=_same,
                  x=None, robust=None, lambda_x=0.0):
     """L_theta of Eq. 6: KL(phi(x_hat)) + lambda_Z d_cos(z, phi(theta(z))) + lambda_j L_j.
 

@@ -506,7 +506,8 @@ def mix_score(images, factors_a, factors_b):
         out[k] = dict(a=float(follows_a[k][d].float().mean()) if n else float('nan'),
                       b=float(follows_b[k][d].float().mean()) if n else float('nan'), pairs=n)
         if k in CONTINUOUS and n:            # relative: the estimate lies nearer B's value than A's
-            dist_a, dist_b = ((est[k].float() - f[k].float()).reshape(len(d), -1).norm(dim=1) for f in (factors_a, factors_b))
+            dist_a, dist_b = ((est[k].float() - f[k].float()).reshape(len(d), -1).norm(dim=1)
+                              for f in (factors_a, factors_b))
             out[k]['b_nearer'] = float((dist_b < dist_a)[d].float().mean())
     return out
 
@@ -544,21 +545,21 @@ def edit_score(net, count, batch, strengths, blocks='coarse'):
     read as a triangle, and how far position (image widths) and colours (per channel, [0, 1]) move
     from the plain reconstruction (strength 0), as mean absolute differences of the estimates."""
     import sample
-    dev, train, test = net.const_device(), data.ShapesSource('train'), data.ShapesSource('test')
-    kinds = train.factors(range(6 * count))['shape']
-    codes = {}
-    for kind in (2, 0):                                         # triangles, circles
-        idx = torch.nonzero(kinds == kind)[:count, 0].tolist()
-        codes[kind] = torch.cat([net.encode(train.load_batch(idx[i:i + batch], net.res).float().div(127.5).sub(1).to(dev))
-                                 for i in range(0, len(idx), batch)])
-    direction = codes[2].mean(0) - codes[0].mean(0)
-    circles = torch.nonzero(test.factors(range(6 * count))['shape'] == 0)[:count, 0].tolist()
-    z = torch.cat([net.encode(test.load_batch(circles[i:i + batch], net.res).float().div(127.5).sub(1).to(dev))
-                   for i in range(0, len(circles), batch)])
-    block_range = sample.blocks_of(net, blocks)
-    est = {s: data.estimate_factors(torch.cat([net.decode(sample.move_along(z[i:i + batch], direction, s, block_range,
-                                                                             net.decoder.n_blocks), noise=False).clamp(-1, 1).cpu()
-                                               for i in range(0, len(z), batch)])) for s in (0.0, *strengths)}
+    dev = net.const_device()
+
+    def codes(source, kind):                                    # latents of the first `count` of a shape class
+        idx = torch.nonzero(source.factors(range(6 * count))['shape'] == kind)[:count, 0].tolist()
+        return torch.cat([net.encode(source.load_batch(idx[i:i + batch], net.res).float().div(127.5).sub(1).to(dev))
+                          for i in range(0, len(idx), batch)])
+
+    def estimates(z, strength):
+        moved = [sample.move_along(z[i:i + batch], direction, strength, group, net.decoder.n_blocks)
+                 for i in range(0, len(z), batch)]
+        return data.estimate_factors(torch.cat([net.decode(m, noise=False).clamp(-1, 1).cpu() for m in moved]))
+    train, test = data.ShapesSource('train'), data.ShapesSource('test')
+    direction = codes(train, 2).mean(0) - codes(train, 0).mean(0)        # triangles minus circles
+    z, group = codes(test, 0), sample.blocks_of(net, blocks)
+    est = {s: estimates(z, s) for s in (0.0, *strengths)}
     base = est[0.0]
     return {f'{s:g}': dict(triangle=float((e['shape'] == 2).float().mean()), circle=float((e['shape'] == 0).float().mean()),
                            moved_xy=float(((e['x'] - base['x']).abs() + (e['y'] - base['y']).abs()).mean() / 2),

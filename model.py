@@ -539,9 +539,14 @@ def resolve_device(name='auto', local_rank=0):
 def save_checkpoint(path, **state):
     """torch.save to path.tmp, then an atomic rename: a crash never leaves a half-written file,
     and a failed write (disk full, Ctrl-C) leaves no .tmp behind."""
+    save_file(state, path)
+
+
+def save_file(obj, path):
+    """save_checkpoint for any object (a latents dict, a direction tensor)."""
     tmp = f'{path}.tmp'
     try:
-        torch.save(state, tmp)
+        torch.save(obj, tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -741,7 +746,7 @@ def from_authors(ck, ema=True, name='checkpoint'):
         if bad:
             raise ValueError(f'{name}: shapes do not match a {res}x{res} {arch} model: {bad[:4]}')
         net_part.load_state_dict(sd, strict=True)
-    net.input_crop = 512 if res >= 512 else 256                 # their Session.tf: 256, or 512 for ffhq512
+    net.input_crop = 512 if res >= 512 else 256                 # pioneer/session.py, Session.tf: 256, or 512 for ffhq512
     return net
 
 

@@ -287,14 +287,8 @@ def lpips_for_projection(cfg, weight_flag='--lpips'):
 def save_latents(latents, path):
     """Write {name: latent} (or one tensor, a direction) with torch.save, atomically."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + '.tmp'
     cpu = (lambda v: v.detach().float().cpu())
-    try:
-        torch.save(cpu(latents) if torch.is_tensor(latents) else {k: cpu(v) for k, v in latents.items()}, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    model.save_file(cpu(latents) if torch.is_tensor(latents) else {k: cpu(v) for k, v in latents.items()}, path)
 
 
 def load_latents(path, net):

@@ -445,10 +445,11 @@ class Trainer:
                     config=self.cfg, sample_z=self.sample_z.cpu(), start_res=self.start_res,
                     started_from=self.started_from)
 
-    def start_from(self, name):
+    def start_from(self, ema):
         """Fine-tune: the encoder, decoder, EMA decoder and (where the file has it) the robust loss
-        of checkpoint `name`; the optimizers start fresh. A larger max_res adds new levels on top."""
-        ema, live = model.load_checkpoint(name), model.load_checkpoint(name, ema=False, live_if_missing=True)
+        of the checkpoint `ema` was loaded from; the optimizers start fresh. A larger max_res adds
+        new levels on top."""
+        live = model.load_checkpoint(ema.path, ema=False, live_if_missing=True)
         grow = self.mcfg.max_res > ema.cfg.max_res
         for net, sd in ((self.encoder, ema.encoder), (self.decoder, live.decoder), (self.ema, ema.decoder)):
             missing, unexpected = net.load_state_dict(sd.state_dict(), strict=not grow)
@@ -676,7 +677,7 @@ def run(cfg):
     if resume:
         t.load(ck)
     elif fine_tune:
-        t.start_from(cfg['init_from'])
+        t.start_from(source)
         say(f'fine-tuning {t.started_from["checkpoint"]} ({t.start_res}x{t.start_res}, '
             f'{t.started_from["kimg"]:.1f} kimg): new optimizers, the schedule from {t.start_res}x{t.start_res}')
 
