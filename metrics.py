@@ -513,13 +513,28 @@ def mix_score(images, factors_a, factors_b):
 
 
 @torch.no_grad()
+def reconstruction_score(net, test, count, batch):
+    """On shapes: the first `count` held-out images through E and G: pixel L1 (images in [-1, 1]) and,
+    per factor, the share read back within data.FACTOR_TOLERANCE (the first column of the mix table)."""
+    dev = net.const_device()
+    l1, recs = 0.0, []
+    for start, n in batches(count, batch):
+        x = load_source_images(test, net.res, start, n, dev)
+        rec = net.decode(net.encode(x), noise=False).clamp(-1, 1)
+        l1 += float((rec - x).abs().mean()) * n
+        recs.append(rec.cpu())
+    right = data.factor_errors(data.estimate_factors(torch.cat(recs)), test.factors(range(count)))
+    return dict(l1=l1 / count, **{k: float(v.float().mean()) for k, v in right.items()})
+
+
+@torch.no_grad()
 def mixing(net, count, batch):
     """On shapes: decode A with B's latents on the coarse / intermediate / fine blocks and score which
     factors follow which source. A model disentangled by scale has layout from whoever drives the
     coarse blocks and appearance from whoever drives the rest."""
     test = data.ShapesSource('test')
     n_used = net.decoder.blocks_at(net.res)
-    results = {}
+    results = {'reconstruction': reconstruction_score(net, test, count, batch)}
     for group in model.GROUPS:
         try:
             blocks = model.block_range(group, n_used, net.cfg.extra_8x8)
@@ -827,7 +842,12 @@ def main(cfg):
         else:
             value = mixing(net, cfg['mix_count'], cfg['batch'])
             name, protocol = f'mix{_count_name(cfg["mix_count"])}', "B's latents on the group's blocks, A's elsewhere; share of each factor matching A / B"
+            rec = value['reconstruction']
+            print(f'reconstruction: pixel L1 {rec["l1"]:.4f} | read back: '
+                  + ' '.join(f'{k} {rec[k]:.2f}' for k in LAYOUT + APPEARANCE))
             for group, scores in value.items():
+                if group == 'reconstruction':
+                    continue
                 print(f'{group:13s} strict, follows B: ' + ' '.join(f'{k} {scores[k]["b"]:.2f}' for k in LAYOUT + APPEARANCE)
                       + ' | nearer B: ' + ' '.join(f'{k} {scores[k]["b_nearer"]:.2f}' for k in CONTINUOUS
                                                    if 'b_nearer' in scores[k]))

@@ -1612,6 +1612,30 @@ def test_mix_score_reads_layout_from_a_and_appearance_from_b():
     assert score['color']['b'] < 0.4 and score['color']['b_nearer'] > 0.95, score['color']
 
 
+def test_reconstruction_score_reads_a_perfect_and_a_mirroring_autoencoder():
+    import metrics as MT
+
+    class Stub:                                   # E and G as the identity, or G as a left-right mirror
+        res = 32
+
+        def __init__(self, mirror):
+            self.mirror = mirror
+
+        def const_device(self):
+            return torch.device('cpu')
+
+        def encode(self, x):
+            return x
+
+        def decode(self, z, noise):
+            return z.flip(-1) if self.mirror else z
+    test = D.ShapesSource('test')
+    exact = MT.reconstruction_score(Stub(False), test, 40, 16)
+    assert exact['l1'] == 0 and exact['shape'] == 1 and exact['x'] == 1 and exact['color'] == 1
+    mirrored = MT.reconstruction_score(Stub(True), test, 40, 16)
+    assert mirrored['l1'] > 0.05 and mirrored['x'] < 0.3 and mirrored['y'] == 1 and mirrored['background'] == 1
+
+
 def test_metrics_on_a_tiny_checkpoint(tiny_ckpt, tmp_path):
     import metrics as MT
     net = M.load_checkpoint(str(tiny_ckpt / 'ckpt.pt'))
@@ -1626,7 +1650,7 @@ def test_metrics_on_a_tiny_checkpoint(tiny_ckpt, tmp_path):
     MT.main({**cfg, 'metric': 'mix', 'mix_count': 32})
     records = [json.loads(line) for line in open(tiny_ckpt / 'metrics.jsonl')]
     assert [rec['metric'] for rec in records[-2:]] == ['fid16', 'mix32']
-    assert math.isfinite(records[-2]['value']) and set(records[-1]['value']) == {'coarse', 'intermediate'}
+    assert math.isfinite(records[-2]['value']) and set(records[-1]['value']) == {'reconstruction', 'coarse', 'intermediate'}
     with pytest.raises(FileNotFoundError, match='--inception=/nonexistent.pth does not exist; download .*pt_inception-2015-12-05-6726825d.pth'):
         MT.main({**cfg, 'metric': 'fid_rec', 'inception': '/nonexistent.pth'})
     inv = MT.invariance_score(net, count=24, batch=12)
