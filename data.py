@@ -44,6 +44,10 @@ SHAPES_TEST = 10_000         # ... and the next SHAPES_TEST the held-out test sp
 SHAPE_CLASSES = ('circle', 'square', 'triangle')
 TEXTURES = ('horizontal', 'vertical')   # stripes across y or across x, on the object only
 STRIPE_FREQ = 8.0            # stripe cycles per image width: a 4 px period at 32x32
+# From max_res 64 on the stripes are one pixel wide at max_res instead (a 2 px period): every 2x2
+# average cancels them, so they exist at max_res alone and only the fine blocks (64 px and up) can
+# draw them. At max_res 32 they stay 8 cycles per width, visible from 16x16: intermediate scale.
+FINE_STRIPES_FROM = 64
 STRIPE_AMP = 0.12            # +- on every channel of the object colour
 # the equal-area radius s of each class: circle radius s, square half-side s sqrt(pi)/2,
 # triangle (equilateral, point up) inradius s sqrt(pi / (3 sqrt 3)); extent = farthest point / s
@@ -107,22 +111,30 @@ def _coverage(shape, cx, cy, size, res):
     return (0.5 - sd * res).clamp(0, 1)
 
 
-def render_shapes(index, res, seed=0):
+def render_shapes(index, res, seed=0, max_res=32):
     """Render shapes images: (float images (B, 3, res, res) in [-1, 1], factors dict)."""
     f = shapes_factors(index, seed)
-    return render_factors(f, res), f
+    return render_factors(f, res, max_res), f
 
 
-def render_factors(f, res):
-    """Render images (B, 3, res, res) in [-1, 1] from a factors dict (as shapes_factors returns)."""
+def render_factors(f, res, max_res=32):
+    """Render images (B, 3, res, res) in [-1, 1] from a factors dict (as shapes_factors returns), as
+    the data set of a run that grows to max_res sees them (which decides the stripes' scale)."""
     cov = _coverage(f['shape'], f['x'], f['y'], f['size'], res)[:, None]
-    t = (torch.arange(res, dtype=torch.float32) + 0.5) / res
-    along = torch.where(f['texture'][:, None, None] == 0,
-                        (t[None, :, None] - f['y'][:, None, None]).expand(-1, res, res),
-                        (t[None, None, :] - f['x'][:, None, None]).expand(-1, res, res))
-    # a sinusoid box-filtered over the pixel is the sinusoid times sinc: exact anti-aliasing
-    stripes = torch.sin(2 * math.pi * (STRIPE_FREQ * along + f['phase'][:, None, None]))
-    stripes = stripes * float(np.sinc(STRIPE_FREQ / res))
+    if max_res >= FINE_STRIPES_FROM:
+        if res > max_res:
+            raise ValueError(f'shapes grown to {max_res}x{max_res} has no {res}x{res} images')
+        line = 1.0 - 2.0 * (torch.arange(res) % 2).float()             # +1, -1, +1, ... per pixel
+        sign = torch.where(f['phase'] < 0.5, 1.0, -1.0)[:, None, None] * float(res == max_res)
+        stripes = sign * torch.where(f['texture'][:, None, None] == 0, line[None, :, None], line[None, None, :])
+    else:
+        t = (torch.arange(res, dtype=torch.float32) + 0.5) / res
+        along = torch.where(f['texture'][:, None, None] == 0,
+                            (t[None, :, None] - f['y'][:, None, None]).expand(-1, res, res),
+                            (t[None, None, :] - f['x'][:, None, None]).expand(-1, res, res))
+        # a sinusoid box-filtered over the pixel is the sinusoid times sinc: exact anti-aliasing
+        stripes = torch.sin(2 * math.pi * (STRIPE_FREQ * along + f['phase'][:, None, None]))
+        stripes = stripes * float(np.sinc(STRIPE_FREQ / res))
     obj = f['color'][:, :, None, None] + STRIPE_AMP * stripes[:, None]
     img = f['background'][:, :, None, None] * (1 - cov) + obj * cov
     return img * 2 - 1
@@ -182,18 +194,19 @@ def factor_errors(estimated, true):
 # Sources: one object per data set and split, handing out uint8 images at any resolution
 
 class ShapesSource:
-    """The embedded default: rendered on the fly, deterministic from (seed, index)."""
+    """The embedded default: rendered on the fly, deterministic from (seed, index); max_res is the
+    run's last resolution (from 64 on the stripes are a fine-scale factor, FINE_STRIPES_FROM)."""
     name = 'shapes'
 
-    def __init__(self, split='train', seed=0):
+    def __init__(self, split='train', seed=0, max_res=32):
         self.offset, self.n = (0, SHAPES_TRAIN) if split == 'train' else (SHAPES_TRAIN, SHAPES_TEST)
-        self.seed = seed
+        self.seed, self.max_res = seed, max_res
 
     def __len__(self):
         return self.n
 
     def load_batch(self, indices, res):
-        img, _ = render_shapes(torch.as_tensor(indices, dtype=torch.int64) + self.offset, res, self.seed)
+        img, _ = render_shapes(torch.as_tensor(indices, dtype=torch.int64) + self.offset, res, self.seed, self.max_res)
         return _to_uint8(img)
 
     def factors(self, indices):
@@ -492,7 +505,7 @@ def make_source(dataset, data_root='', split='train', max_res=256, seed=0, test_
     if split not in ('train', 'test'):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     if dataset == 'shapes':
-        return ShapesSource(split, seed)
+        return ShapesSource(split, seed, max_res)
     if dataset.startswith('lsun'):
         if not data_root:
             raise ValueError(f'{dataset} needs --data_root=PATH to the LSUN lmdb folder')

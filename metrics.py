@@ -350,6 +350,8 @@ def real_statistics(inception, saved, res, count, batch, device, cache_dir, spli
     name = saved.get('dataset', 'shapes')
     root = saved.get('data_root', '')
     tag = f'{name}_{split}_{res}px_{count}'
+    if name == 'shapes' and saved.get('max_res', res) >= data.FINE_STRIPES_FROM:
+        tag += f'_of{saved["max_res"]}'                 # its stripes exist at max_res only
     if root:                                            # a stable digest: str hash() changes per process
         tag += '_' + hashlib.sha1(os.path.abspath(root).encode()).hexdigest()[:10]
     path = os.path.join(cache_dir, f'{tag}.npz')
@@ -532,7 +534,7 @@ def mixing(net, count, batch):
     """On shapes: decode A with B's latents on the coarse / intermediate / fine blocks and score which
     factors follow which source. A model disentangled by scale has layout from whoever drives the
     coarse blocks and appearance from whoever drives the rest."""
-    test = data.ShapesSource('test')
+    test = data.ShapesSource('test', max_res=net.cfg.max_res)
     n_used = net.decoder.blocks_at(net.res)
     results = {'reconstruction': reconstruction_score(net, test, count, batch)}
     for group in model.GROUPS:
@@ -571,7 +573,7 @@ def edit_score(net, count, batch, strengths, blocks='coarse'):
         moved = [sample.move_along(z[i:i + batch], direction, strength, group, net.decoder.n_blocks)
                  for i in range(0, len(z), batch)]
         return data.estimate_factors(torch.cat([net.decode(m, noise=False).clamp(-1, 1).cpu() for m in moved]))
-    train, test = data.ShapesSource('train'), data.ShapesSource('test')
+    train, test = data.ShapesSource('train', max_res=net.cfg.max_res), data.ShapesSource('test', max_res=net.cfg.max_res)
     direction = codes(train, 2).mean(0) - codes(train, 0).mean(0)        # triangles minus circles
     z, group = codes(test, 0), sample.blocks_of(net, blocks)
     est = {s: estimates(z, s) for s in (0.0, *strengths)}
@@ -588,7 +590,7 @@ def projection_curve(net, count, steps, lpips=None, lpips_weight=1.0, lr=0.01):
     shape class read from the decodes at steps 0 (the encoder alone), 10, 30, 100, 300 (up to
     `steps`), with the wall time per image of each."""
     import sample
-    test = data.ShapesSource('test')
+    test = data.ShapesSource('test', max_res=net.cfg.max_res)
     x = test.load_batch(range(count), net.res).float().div(127.5).sub(1).to(net.const_device())
     truth = test.factors(range(count))['shape']
     _, history = sample.project(net, x, steps, lpips, lpips_weight, 1.0, lr, keep=True)
@@ -611,7 +613,7 @@ def invariance_score(net, count, batch, k=model.INVARIANCE_K):
     (against the unmirrored image) as the reference for what the estimator can read. 'pixels', which
     needs no estimator: the mean L1 distance of the swap to the mirror's reconstruction (where pose
     alone from the mirror should land) and to the image's own, and the share closer to the first."""
-    test = data.ShapesSource('test')
+    test = data.ShapesSource('test', max_res=net.cfg.max_res)
     n_blocks, keep = net.decoder.n_blocks, ('y', 'size', 'shape', 'color', 'background', 'texture')
     hits, to_mirror, to_own = {'swap': [], 'recon': []}, [], []
     for start, n in batches(count, batch):

@@ -109,7 +109,7 @@ def test_images(config, res, count):
     """The first `count` images of the held-out split of the checkpoint's data set."""
     name = config.get('dataset', 'shapes')
     split = 'test' if name != 'folder' or config.get('test_fraction', 0) > 0 else 'train'
-    source = data.make_source(name, config.get('data_root', ''), split, res, config.get('seed', 0),
+    source = data.make_source(name, config.get('data_root', ''), split, config.get('max_res', res), config.get('seed', 0),
                               config.get('test_fraction', 0.0), config.get('cache_dir', ''), 0, lambda *a: None)
     return source.load_batch(list(range(min(count, len(source)))), res).float() / 127.5 - 1
 

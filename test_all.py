@@ -945,6 +945,26 @@ def test_shapes_are_deterministic_and_estimable():
     assert wrong['x'].float().mean() < 0.2 and wrong['color'].float().mean() < 0.2
 
 
+def test_shapes_grown_to_64_have_stripes_at_64x64_alone():
+    fine, coarse = D.ShapesSource('test', max_res=64), D.ShapesSource('test')
+    idx = list(range(400))
+    x64 = fine.load_batch(idx, 64).float() / 127.5 - 1
+    ok = D.factor_errors(D.estimate_factors(x64), fine.factors(idx))
+    assert all(v.float().mean() == 1 for v in ok.values()), {k: v.float().mean() for k, v in ok.items()}
+    f = fine.factors(idx)
+    other = {**f, 'texture': 1 - f['texture'], 'phase': 1 - f['phase']}   # the other stripes, everything else kept
+    assert torch.equal(D.render_factors(other, 32, 64), D.render_factors(f, 32, 64))   # none below 64x64
+    assert (D.render_factors(other, 64, 64) - D.render_factors(f, 64, 64)).abs().max() > 0.4
+    assert not torch.equal(D.render_factors(other, 32, 32), D.render_factors(f, 32, 32))  # at max_res 32 they show
+    inside = D._coverage(f['shape'], f['x'], f['y'], f['size'], 64) == 1            # pixels fully on the object
+    pooled_inside = F.avg_pool2d(inside[:, None].float(), 2)[:, 0] == 1
+    flat = F.avg_pool2d(D.render_factors(f, 64, 64), 2) - D.render_factors(f, 32, 64)   # a 2x2 average cancels them
+    assert flat.permute(1, 0, 2, 3)[:, pooled_inside].abs().max() < 1e-5
+    assert torch.equal(coarse.load_batch(idx[:8], 32), D.ShapesSource('test', max_res=32).load_batch(idx[:8], 32))
+    with pytest.raises(ValueError, match='no 128x128 images'):
+        fine.load_batch([0], 128)
+
+
 def test_fade_blend_endpoints_and_pairs():
     x = D.ShapesSource().load_batch(list(range(4)), 16)
     real = x.float() / 127.5 - 1
@@ -1409,6 +1429,19 @@ def _error_of(fn, **over):
     text = str(e.value)
     assert text.startswith('error: ') and '\n' not in text, text
     return text
+
+
+def test_shapes_at_64_mixes_and_scores_all_three_groups(tmp_path):
+    import metrics as MT
+    short = {r: 0.008 for r in (4, 8, 16, 32, 64)}                     # one step of 8 images each
+    ck = run_train(tmp_path / 'run', max_res=64, phase_kimg=short, batch_size={r: 8 for r in short})
+    assert ck['res'] == 64
+    net = M.load_checkpoint(str(tmp_path / 'run' / 'ckpt.pt'))
+    scores = MT.mixing(net, 8, 8)
+    assert list(scores) == ['reconstruction', 'coarse', 'intermediate', 'fine']
+    assert scores['fine']['texture']['pairs'] > 0
+    out = _sample(out_dir=str(tmp_path / 'run'), mode='mix', mix='fine', n=3, out=str(tmp_path / 'fine.png'))
+    assert _png(out).shape == grid_shape(4, 4)                      # B row over A column, 3 x 3 mixes
 
 
 def test_sample_bad_input(tiny_ckpt, tmp_path):

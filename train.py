@@ -102,10 +102,11 @@ PRESETS = {
     # learns the real images (lambda_x_dec; without it the pictures stay noise-covered in this
     # budget); no layer noise (the scenes have no stochastic detail, and drawing it cost 10% of a
     # step); EMA 0.99; a 30-kimg 32x32 phase (the loss jumps when its fade ends and needs ~10 kimg).
+    # --max_res=64 adds a 30-kimg 64x64 phase, where the stripes become a fine-scale factor (data.py).
     'shapes': dict(max_res=32, width=1 / 16, nz=32, authors=True, ema_decay=0.99, lambda_x_dec=10.0, noise='none',
-                   phase_kimg={4: 12, 8: 30, 16: 48, 32: 30}, fade=0.5,
-                   batch_size={4: 32, 8: 32, 16: 32, 32: 32}, lr={r: 0.001 for r in (4, 8, 16, 32)},
-                   margin={r: 0.5 for r in (4, 8, 16, 32)}, num_workers=0,
+                   phase_kimg={4: 12, 8: 30, 16: 48, 32: 30, 64: 30}, fade=0.5,
+                   batch_size={r: 32 for r in (4, 8, 16, 32, 64)}, lr={r: 0.001 for r in (4, 8, 16, 32, 64)},
+                   margin={r: 0.5 for r in (4, 8, 16, 32, 64)}, num_workers=0,
                    log_every=5.0, sample_every=40.0, ckpt_every=20.0, snapshot_every=0.0),
     'celebahq': dict(arch='small', max_res=256, phase_kimg={**_PAPER, 128: 7500, 256: 16000},
                      margin={4: 2.0, 8: 2.0, 16: 0.5, 32: 0.5, 64: 0.5, 128: 0.2, 256: 0.4}),
