@@ -350,8 +350,9 @@ def real_statistics(inception, saved, res, count, batch, device, cache_dir, spli
     name = saved.get('dataset', 'shapes')
     root = saved.get('data_root', '')
     tag = f'{name}_{split}_{res}px_{count}'
-    if name == 'shapes' and saved.get('max_res', res) >= data.FINE_STRIPES_FROM:
-        tag += f'_of{saved["max_res"]}'                 # its stripes exist at max_res only
+    top = saved.get('max_res', res)
+    if name == 'shapes' and top >= data.FINE_STRIPES_FROM:
+        tag += f'_of{top}'                              # its stripes exist at max_res only
     if root:                                            # a stable digest: str hash() changes per process
         tag += '_' + hashlib.sha1(os.path.abspath(root).encode()).hexdigest()[:10]
     path = os.path.join(cache_dir, f'{tag}.npz')
