@@ -247,8 +247,9 @@ def crop_resize(im, res):
 
 
 def resize_crop_resize(im, crop, res):
-    """The authors' photo transform (pioneer/session.py, Session.tf): shorter side to `crop`, centre crop to
-    crop x crop, then resize to res (torchvision's bilinear, antialiased), as uint8 (3, res, res)."""
+    """The authors' photo transform (AaltoVision/automodulator: `.tf` of the model their hubconf.py
+    returns): shorter side to `crop`, centre crop to crop x crop, then resize to res (torchvision's
+    bilinear, antialiased), as uint8 (3, res, res)."""
     import torchvision.transforms.functional as TF
     im = TF.center_crop(TF.resize(im, crop), crop)
     if crop != res:

@@ -515,6 +515,11 @@ def mix_score(images, factors_a, factors_b):
     return out
 
 
+def shapes_split(net, split):
+    """The shapes images a checkpoint was trained on (its max_res decides the stripes' scale)."""
+    return data.ShapesSource(split, max_res=net.cfg.max_res)
+
+
 @torch.no_grad()
 def reconstruction_score(net, test, count, batch):
     """On shapes: the first `count` held-out images through E and G: pixel L1 (images in [-1, 1]) and,
@@ -535,7 +540,7 @@ def mixing(net, count, batch):
     """On shapes: decode A with B's latents on the coarse / intermediate / fine blocks and score which
     factors follow which source. A model disentangled by scale has layout from whoever drives the
     coarse blocks and appearance from whoever drives the rest."""
-    test = data.ShapesSource('test', max_res=net.cfg.max_res)
+    test = shapes_split(net, 'test')
     n_used = net.decoder.blocks_at(net.res)
     results = {'reconstruction': reconstruction_score(net, test, count, batch)}
     for group in model.GROUPS:
@@ -574,7 +579,7 @@ def edit_score(net, count, batch, strengths, blocks='coarse'):
         moved = [sample.move_along(z[i:i + batch], direction, strength, group, net.decoder.n_blocks)
                  for i in range(0, len(z), batch)]
         return data.estimate_factors(torch.cat([net.decode(m, noise=False).clamp(-1, 1).cpu() for m in moved]))
-    train, test = data.ShapesSource('train', max_res=net.cfg.max_res), data.ShapesSource('test', max_res=net.cfg.max_res)
+    train, test = shapes_split(net, 'train'), shapes_split(net, 'test')
     direction = codes(train, 2).mean(0) - codes(train, 0).mean(0)        # triangles minus circles
     z, group = codes(test, 0), sample.blocks_of(net, blocks)
     est = {s: estimates(z, s) for s in (0.0, *strengths)}
@@ -591,7 +596,7 @@ def projection_curve(net, count, steps, lpips=None, lpips_weight=1.0, lr=0.01):
     shape class read from the decodes at steps 0 (the encoder alone), 10, 30, 100, 300 (up to
     `steps`), with the wall time per image of each."""
     import sample
-    test = data.ShapesSource('test', max_res=net.cfg.max_res)
+    test = shapes_split(net, 'test')
     x = test.load_batch(range(count), net.res).float().div(127.5).sub(1).to(net.const_device())
     truth = test.factors(range(count))['shape']
     _, history = sample.project(net, x, steps, lpips, lpips_weight, 1.0, lr, keep=True)
@@ -614,7 +619,7 @@ def invariance_score(net, count, batch, k=model.INVARIANCE_K):
     (against the unmirrored image) as the reference for what the estimator can read. 'pixels', which
     needs no estimator: the mean L1 distance of the swap to the mirror's reconstruction (where pose
     alone from the mirror should land) and to the image's own, and the share closer to the first."""
-    test = data.ShapesSource('test', max_res=net.cfg.max_res)
+    test = shapes_split(net, 'test')
     n_blocks, keep = net.decoder.n_blocks, ('y', 'size', 'shape', 'color', 'background', 'texture')
     hits, to_mirror, to_own = {'swap': [], 'recon': []}, [], []
     for start, n in batches(count, batch):

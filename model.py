@@ -746,7 +746,7 @@ def from_authors(ck, ema=True, name='checkpoint'):
         if bad:
             raise ValueError(f'{name}: shapes do not match a {res}x{res} {arch} model: {bad[:4]}')
         net_part.load_state_dict(sd, strict=True)
-    net.input_crop = 512 if res >= 512 else 256                 # pioneer/session.py, Session.tf: 256, or 512 for ffhq512
+    net.input_crop = 512 if res >= 512 else 256                 # the authors' hub model's `.tf`: 256, or 512 for ffhq512
     return net
 
 
