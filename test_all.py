@@ -1645,14 +1645,14 @@ def test_mix_score_reads_layout_from_a_and_appearance_from_b():
     assert score['color']['b'] < 0.4 and score['color']['b_nearer'] > 0.95, score['color']
 
 
-def test_reconstruction_score_reads_a_perfect_and_a_mirroring_autoencoder():
+def test_reconstruction_score_reads_a_perfect_a_mirroring_and_a_circle_drawing_autoencoder():
     import metrics as MT
 
-    class Stub:                                   # E and G as the identity, or G as a left-right mirror
+    class Stub:                          # E and G as the identity, G as a left-right mirror, or G drawing circles
         res = 32
 
-        def __init__(self, mirror):
-            self.mirror = mirror
+        def __init__(self, mirror=False, circles=False):
+            self.mirror, self.circles = mirror, circles
 
         def const_device(self):
             return torch.device('cpu')
@@ -1661,12 +1661,18 @@ def test_reconstruction_score_reads_a_perfect_and_a_mirroring_autoencoder():
             return x
 
         def decode(self, z, noise):
+            if self.circles:                           # the same scene with a circle of the same area
+                f = D.estimate_factors(z)
+                return D.render_factors({**f, 'shape': torch.zeros_like(f['shape']), 'phase': torch.zeros(len(z))}, 32)
             return z.flip(-1) if self.mirror else z
     test = D.ShapesSource('test')
-    exact = MT.reconstruction_score(Stub(False), test, 40, 16)
+    exact = MT.reconstruction_score(Stub(), test, 40, 16)
     assert exact['l1'] == 0 and exact['shape'] == 1 and exact['x'] == 1 and exact['color'] == 1
-    mirrored = MT.reconstruction_score(Stub(True), test, 40, 16)
+    assert exact['shape_by_class'] == dict(circle=1.0, square=1.0, triangle=1.0)
+    mirrored = MT.reconstruction_score(Stub(mirror=True), test, 40, 16)
     assert mirrored['l1'] > 0.05 and mirrored['x'] < 0.3 and mirrored['y'] == 1 and mirrored['background'] == 1
+    circles = MT.reconstruction_score(Stub(circles=True), test, 40, 16)
+    assert circles['shape_by_class'] == dict(circle=1.0, square=0.0, triangle=0.0), circles['shape_by_class']
 
 
 def test_metrics_on_a_tiny_checkpoint(tiny_ckpt, tmp_path):
