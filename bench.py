@@ -26,7 +26,7 @@ from configurator import configure
 
 _before = set(globals())
 device = 'auto'             # auto (cuda if available) | cpu | cuda
-dtype = 'float32'           # float32 | bfloat16 | float16 (autocast)
+dtype = 'float32'           # float32 | bfloat16 | float16 (autocast) | auto (bfloat16 where native, else float32)
 compile = False             # torch.compile each network block
 channels_last = False       # NHWC memory format for the convolutions
 res = 32                    # training iteration resolution
@@ -169,8 +169,10 @@ def main(cfg):
         dev = model.resolve_device(cfg['device'])
     except ValueError as e:
         raise SystemExit(f'error: {e}')
-    if cfg['dtype'] not in model.DTYPES:
-        raise SystemExit(f"error: --dtype={cfg['dtype']!r} is not valid; expected one of {', '.join(model.DTYPES)}")
+    try:
+        cfg = {**cfg, 'dtype': model.resolve_dtype(cfg['dtype'], dev)}
+    except ValueError as e:
+        raise SystemExit(f'error: {e}')
     dt = model.DTYPES[cfg['dtype']]
     autocast = torch.autocast(dev.type, dtype=dt) if dt != torch.float32 else nullcontext()
     if dev.type == 'cuda':

@@ -515,6 +515,26 @@ def update_ema(ema, decoder, decay=0.999):
 DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
 
 
+def native_bfloat16(device):
+    """Whether `device` computes bfloat16 matmuls in hardware: a CUDA GPU of compute capability 8.0 or
+    newer, a CPU with AMX or AVX-512 BF16. Elsewhere bfloat16 is emulated, slower than float32."""
+    if device.type == 'cuda':
+        return torch.cuda.get_device_capability(device) >= (8, 0)
+    if device.type == 'cpu':
+        caps = torch.cpu.get_capabilities() if hasattr(torch.cpu, 'get_capabilities') else {}
+        return bool(caps.get('amx_bf16') or caps.get('avx512_bf16'))
+    return False
+
+
+def resolve_dtype(name, device):
+    """'auto' | a DTYPES key -> that key; 'auto' is bfloat16 where `device` has it natively, else float32."""
+    if name == 'auto':
+        return 'bfloat16' if native_bfloat16(device) else 'float32'
+    if name not in DTYPES:
+        raise ValueError(f"--dtype={name!r} is not valid; expected auto or one of {', '.join(DTYPES)}")
+    return name
+
+
 def resolve_device(name='auto', local_rank=0):
     """'auto' | 'cpu' | 'cuda' | 'cuda:N' | 'mps' -> torch.device; ValueError naming the fix when the
     machine has no such device. 'cuda' means this process's GPU under torchrun (LOCAL_RANK)."""

@@ -1106,6 +1106,21 @@ def test_train_resume_float16_keeps_the_loss_scale(tmp_path):
     assert _same_weights(straight, resumed)
 
 
+def test_dtype_auto_is_bfloat16_only_where_the_cpu_has_it_in_hardware(monkeypatch):
+    import train as T
+    cpu, cfg = torch.device('cpu'), {**T.DEFAULTS, **T.PRESETS['shapes'], 'dtype': 'auto'}
+    for caps, want in (({'amx_bf16': True}, 'bfloat16'), ({'avx512_bf16': True}, 'bfloat16'),
+                       ({'amx_bf16': False, 'avx512_bf16': False, 'avx2': True}, 'float32')):
+        monkeypatch.setattr(torch.cpu, 'get_capabilities', lambda caps=caps: caps)
+        assert M.resolve_dtype('auto', cpu) == want
+        t = T.Trainer(cfg, T.model_config_from(cfg), cpu)
+        assert t.dtype == want
+        assert getattr(t.autocast, 'fast_dtype', torch.float32) == M.DTYPES[want]
+    assert M.resolve_dtype('float16', cpu) == 'float16'
+    with pytest.raises(ValueError, match=r"--dtype='fp16' is not valid; expected auto or one of float32"):
+        M.resolve_dtype('fp16', cpu)
+
+
 def test_train_resume_keeps_the_runs_settings_and_refuses_what_would_change_it(tmp_path, capsys):
     import train as T
     run_train(tmp_path, authors=False, lambda_j=5.0, invariance='flip', max_res=8, total_kimg=0.04)

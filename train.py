@@ -73,7 +73,8 @@ mix_ratio = 0.25            # share of style-mixed samples among the fakes (pape
 ema_decay = 0.999           # EMA of decoder weights per step (ramped up from 0.1 over the first steps)
 # system
 device = 'auto'             # auto (cuda if available) | cpu | cuda | cuda:N
-dtype = 'float32'           # float32 | bfloat16 | float16 (autocast; float16 adds a GradScaler)
+dtype = 'float32'           # float32 | bfloat16 | float16 (autocast; float16 adds a GradScaler) | auto (bfloat16
+                            # where the GPU or CPU has it in hardware: AMX, AVX-512 BF16, CUDA 8.0+; else float32)
 compile = False             # torch.compile each network block
 channels_last = False       # NHWC memory format for the convolutions (faster with bf16 / on tensor cores)
 seed = 0                    # model init, data order, latent draws
@@ -130,7 +131,7 @@ RULES = dict(
     lambda_x_fade=at_least(0), lambda_x_stable=at_least(0), lambda_z=at_least(0), lambda_j=at_least(0),
     lambda_x_dec=at_least(0), recon=one_of('robust', 'l1', 'l2'), beta1=between(0, 1, open_hi=True), beta1_dec=between(0, 1, open_hi=True),
     mix_ratio=between(0, 1), ema_decay=between(0, 1),
-    device=ANY, dtype=one_of(*model.DTYPES), compile=ANY, channels_last=ANY, seed=integer(0),
+    device=ANY, dtype=one_of('auto', *model.DTYPES), compile=ANY, channels_last=ANY, seed=integer(0),
     out_dir=ANY, init_from=Rule("'scratch', 'resume', or a checkpoint to fine-tune (a path or a released model's name)",
                                 lambda v: isinstance(v, str) and v != ''),
     log_every=above(0), sample_every=at_least(0), ckpt_every=at_least(0), snapshot_every=at_least(0),
@@ -419,9 +420,10 @@ class Trainer:
                                         lr=cfg['lr'][4], betas=(cfg['beta1'], 0.99), eps=1e-8)
         self.opt_dec = torch.optim.Adam(self.decoder.parameters(), lr=cfg['lr'][4], betas=(cfg['beta1_dec'], 0.99),
                                         eps=1e-8)
-        half = cfg['dtype'] == 'float16'                     # float16 needs loss scaling; bfloat16 does not
+        self.dtype = model.resolve_dtype(cfg['dtype'], dev)  # 'auto' is resolved on each start, resumes too
+        half = self.dtype == 'float16'                       # float16 needs loss scaling; bfloat16 does not
         self.scaler_enc, self.scaler_dec = (torch.amp.GradScaler(dev.type, enabled=half) for _ in range(2))
-        dtype = model.DTYPES[cfg['dtype']]
+        dtype = model.DTYPES[self.dtype]
         self.autocast = torch.autocast(dev.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
         self.gen = torch.Generator().manual_seed(cfg['seed'] + 1)
         self.sample_z = model.sample_prior(8, mcfg.nz, generator=torch.Generator().manual_seed(cfg['seed'] + 2)).to(dev)
@@ -706,7 +708,8 @@ def run(cfg):
         if cfg['wandb_log']:
             import wandb
             wandb.init(project=cfg['wandb_project'], config=cfg)
-    say(f'world {world} | device {dev} | dtype {cfg["dtype"]} | data {cfg["dataset"]} ({len(source):,} train images)')
+    dtype = t.dtype if t.dtype == cfg['dtype'] else f'{cfg["dtype"]} -> {t.dtype}'
+    say(f'world {world} | device {dev} | dtype {dtype} | data {cfg["dataset"]} ({len(source):,} train images)')
     say(f'decoder {model.count(t.decoder.parameters()):,} params | encoder {model.count(t.encoder.parameters()):,} | '
         f'robust loss {model.count(t.robust.parameters()):,}')
     print_plan(cfg, table, end_kimg, world, say)
