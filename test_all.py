@@ -1313,7 +1313,7 @@ def test_every_setting_of_every_script_has_a_rule():
 
 
 TRAIN_BAD = [   # (what a user gives, what the one-line error must say)
-    (dict(dtype='fp16'), "--dtype='fp16' is not valid; expected one of 'float32', 'bfloat16', 'float16'"),
+    (dict(dtype='fp16'), "--dtype='fp16' is not valid; expected one of 'auto', 'float32', 'bfloat16', 'float16'"),
     (dict(max_res=20), '--max_res=20 is not valid; expected a power of two in 4..1024'),
     (dict(dataset='ffhq', max_res=1024, data_root=HERE), 'the presets go up to 512x512'),
     (dict(fade=2.0), '--fade=2.0 is not valid; expected a number in [0, 1]'),
