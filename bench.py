@@ -167,9 +167,6 @@ def bench_data(cfg, dev, report):
 def main(cfg):
     try:
         dev = model.resolve_device(cfg['device'])
-    except ValueError as e:
-        raise SystemExit(f'error: {e}')
-    try:
         cfg = {**cfg, 'dtype': model.resolve_dtype(cfg['dtype'], dev)}
     except ValueError as e:
         raise SystemExit(f'error: {e}')
