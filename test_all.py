@@ -671,9 +671,10 @@ def test_encoder_and_decoder_losses_backpropagate():
     x = torch.rand(6, 3, 16, 16) * 2 - 1
     with torch.no_grad():
         fakes = L.fake_batch(m.decoder, 6, 16, 0.5, 0.25).images
-    loss, parts = L.encoder_loss(m.encoder, m.decoder, robust, x, fakes, 16, 0.5, margin=0.5, lambda_x=3.0)
+    loss, parts, z = L.encoder_loss(m.encoder, m.decoder, robust, x, fakes, 16, 0.5, margin=0.5, lambda_x=3.0)
     loss.backward()
     assert torch.isfinite(loss) and set(parts) == {'kl_real', 'kl_fake', 'recon'}
+    assert z.shape == (6, 32) and not z.requires_grad
     assert m.encoder.blocks[0].conv2.parametrizations.weight.original.grad.abs().sum() > 0
     assert robust.alpha_latent[2].grad.abs().sum() > 0 and robust.alpha_latent[1].grad is None
     m.zero_grad()
@@ -697,6 +698,11 @@ def test_decoder_reconstruction_switch_adds_exactly_its_term():
     with torch.no_grad():
         recon = robust(m.decoder(m.encoder(x, 16), 16, noise=False) - x)
     assert torch.allclose(parts['recon'], recon) and torch.allclose(loss, base + 3.0 * recon)
+    # phi(x) handed over from the encoder step is the code it decodes (train.py passes it)
+    with torch.no_grad():
+        z = m.encoder(x, 16)
+    assert torch.allclose(loss_with(x=x, robust=robust, lambda_x=3.0, z_real=z)[0], loss)
+    assert not torch.allclose(loss_with(x=x, robust=robust, lambda_x=3.0, z_real=z.roll(1, 0))[0], loss)
     # the added term trains the decoder alone: phi(x) enters as a fixed code
     (loss - base).backward()
     assert m.decoder.to_rgb[2].weight.grad.abs().sum() > 1e-3
@@ -738,8 +744,8 @@ def test_extra_8x8_block_for_the_invariance_split():
     robust = L.AdaptiveRobustLoss(max_res=64, res=16)
     x = D.prepare_batch(D.ShapesSource('train').load_batch(list(range(4)), 16), pairs=True, flip=False)
     fakes = d(M.sample_prior(4, 32), 16, noise=False).detach()
-    base, _ = L.encoder_loss(m.encoder, d, robust, x, fakes, 16, 1.0, 0.5, 3.0)
-    loss, parts = L.encoder_loss(m.encoder, d, robust, x, fakes, 16, 1.0, 0.5, 3.0, invariance_k=2)
+    base, _, _ = L.encoder_loss(m.encoder, d, robust, x, fakes, 16, 1.0, 0.5, 3.0)
+    loss, parts, _ = L.encoder_loss(m.encoder, d, robust, x, fakes, 16, 1.0, 0.5, 3.0, invariance_k=2)
     z = m.encoder(x, 16)
     inv = L.invariance_loss(d, robust, x[:2], x[2:], z[:2], z[2:], 2, 16, 1.0)
     assert torch.allclose(parts['inv'], inv) and torch.allclose(loss, base + 3.0 * inv)

@@ -95,18 +95,21 @@ PER_RESOLUTION = ('phase_kimg', 'batch_size', 'lr', 'margin')
 # the defaults above unless the same key is given on the command line.
 _PAPER = {4: 2400, 8: 2400, 16: 2400, 32: 2400, 64: 10400}
 PRESETS = {
-    # shapes: CPU-sized, under 20 minutes on 2 AVX2 EPYC cores (README). Choices that differ from the
-    # paper, each measured on short runs (RESULTS.md): a 32-d latent for a handful of factors; margin
-    # 0.5 from the start; the authors' code (--authors: their plain conv stacks, extra KL(E(x)) term
-    # and upper clamp; with Eq. 6 alone the clamped margin stops spreading the real encodings, and
-    # their plain stacks reconstructed better than residual blocks in this budget); the decoder also
-    # learns the real images (lambda_x_dec; without it the pictures stay noise-covered in this
-    # budget); no layer noise (the scenes have no stochastic detail, and drawing it cost 10% of a
-    # step); EMA 0.99; a 30-kimg 32x32 phase (the loss jumps when its fade ends and needs ~10 kimg).
+    # shapes: CPU-sized, about 20 minutes on 2 AVX2 EPYC cores (README). Choices that differ from the
+    # paper, each measured on short runs (RESULTS.md): a 128-d latent (a handful of factors; 32-d codes
+    # held the shape class less linearly and drew more squares as circles); margin 0.5 from the start;
+    # the authors' code (--authors: their plain conv stacks, extra KL(E(x)) term and upper clamp; with
+    # Eq. 6 alone the clamped margin stops spreading the real encodings, and their plain stacks
+    # reconstructed better than residual blocks in this budget); the decoder also learns the real
+    # images (lambda_x_dec; without it the pictures stay noise-covered in this budget) with Adam beta1
+    # 0.9 (A.1's 0 settles slower); no layer noise (the scenes have no stochastic detail, and drawing
+    # it cost 10% of a step); the 32x32 phase at lr 0.0003 (at 0.001 the encoder's steps overshoot)
+    # and batch 16 (here steps count more than images: 40 kimg at 16 match 60 at 32); EMA 0.9 (the
+    # encoder learns against the live decoder, which a slower average lags: EMA 0.99 reconstructed worse).
     # --max_res=64 adds a 30-kimg 64x64 phase, where the stripes become a fine-scale factor (data.py).
-    'shapes': dict(max_res=32, width=1 / 16, nz=32, authors=True, ema_decay=0.99, lambda_x_dec=10.0, noise='none',
-                   phase_kimg={4: 12, 8: 30, 16: 48, 32: 30, 64: 30}, fade=0.5,
-                   batch_size={r: 32 for r in (4, 8, 16, 32, 64)}, lr={r: 0.001 for r in (4, 8, 16, 32, 64)},
+    'shapes': dict(max_res=32, width=1 / 16, nz=128, authors=True, ema_decay=0.9, lambda_x_dec=10.0, noise='none',
+                   phase_kimg={4: 12, 8: 30, 16: 48, 32: 40, 64: 30}, fade=0.5, beta1_dec=0.9,
+                   batch_size={4: 32, 8: 32, 16: 32, 32: 16, 64: 32}, lr={4: 0.001, 8: 0.001, 16: 0.001, 32: 0.0003, 64: 0.0003},
                    margin={r: 0.5 for r in (4, 8, 16, 32, 64)}, num_workers=0,
                    log_every=5.0, sample_every=40.0, ckpt_every=20.0, snapshot_every=0.0),
     'celebahq': dict(arch='small', max_res=256, phase_kimg={**_PAPER, 128: 7500, 256: 16000},
@@ -494,7 +497,7 @@ class Trainer:
             fakes = losses.fake_batch(self.decoder, x.shape[0], res, alpha, cfg['mix_ratio'], self.gen,
                                       rank=self.rank, world=self.world).images
         with self.autocast:
-            loss_enc, parts_enc = losses.encoder_loss(
+            loss_enc, parts_enc, z_real = losses.encoder_loss(
                 self.encoder, self.decoder, self.distance, x, fakes.float(), res, alpha, cfg['margin'][res], lambda_x,
                 extra_kl=cfg['extra_kl'] or authors, upper_clamp=cfg['upper_clamp'] or authors, gather=gather,
                 invariance_k=model.INVARIANCE_K if invariance_on(cfg, res, alpha) else 0)
@@ -508,7 +511,7 @@ class Trainer:
             loss_dec, parts_dec = losses.decoder_loss(
                 self.encoder, self.decoder, x.shape[0], res, alpha, cfg['mix_ratio'], cfg['lambda_z'], cfg['lambda_j'],
                 self.gen, rank=self.rank, world=self.world, gather=gather, x=x, robust=self.distance,
-                lambda_x=cfg['lambda_x_dec'])
+                lambda_x=cfg['lambda_x_dec'], z_real=z_real)
         self.update(loss_dec, parts_dec, 'decoder', self.opt_dec, self.scaler_dec, list(self.decoder.parameters()))
         self.encoder.requires_grad_(True)
         self.robust.requires_grad_(True)
