@@ -95,7 +95,7 @@ PER_RESOLUTION = ('phase_kimg', 'batch_size', 'lr', 'margin')
 # the defaults above unless the same key is given on the command line.
 _PAPER = {4: 2400, 8: 2400, 16: 2400, 32: 2400, 64: 10400}
 PRESETS = {
-    # shapes: CPU-sized, about 20 minutes on 2 AVX2 EPYC cores (README). Choices that differ from the
+    # shapes: CPU-sized, 24 minutes on 2 AVX2 EPYC cores (README). Choices that differ from the
     # paper, each measured on short runs (RESULTS.md): a 128-d latent (a handful of factors; 32-d codes
     # held the shape class less linearly and drew more squares as circles); margin 0.5 from the start;
     # the authors' code (--authors: their plain conv stacks, extra KL(E(x)) term and upper clamp; with
