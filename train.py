@@ -95,7 +95,7 @@ PER_RESOLUTION = ('phase_kimg', 'batch_size', 'lr', 'margin')
 # the defaults above unless the same key is given on the command line.
 _PAPER = {4: 2400, 8: 2400, 16: 2400, 32: 2400, 64: 10400}
 PRESETS = {
-    # shapes: CPU-sized, 24 minutes on 2 AVX2 EPYC cores (README). Choices that differ from the
+    # shapes: CPU-sized, 20 minutes on 2 AVX2 EPYC cores (README). Choices that differ from the
     # paper, each measured on short runs (RESULTS.md): a 128-d latent (a handful of factors; 32-d codes
     # held the shape class less linearly and drew more squares as circles); margin 0.5 from the start;
     # the authors' code (--authors: their plain conv stacks, extra KL(E(x)) term and upper clamp; with
@@ -105,9 +105,11 @@ PRESETS = {
     # 0.9 (A.1's 0 settles slower); no layer noise (the scenes have no stochastic detail, and drawing
     # it cost 10% of a step); the 32x32 phase at lr 0.0003 (at 0.001 the encoder's steps overshoot)
     # and batch 16 (here steps count more than images: 40 kimg at 16 match 60 at 32); EMA 0.9 (the
-    # encoder learns against the live decoder, which a slower average lags: EMA 0.99 reconstructed worse).
+    # encoder learns against the live decoder, which a slower average lags: EMA 0.99 reconstructed worse);
+    # no L_j (lambda_j=0; Eq. 5-6 have it): on every one of three seeds it cost shape read and the shape's
+    # move with the coarse blocks, 3-4 points each (README's Table 1); mixed fakes stay in the KL game.
     # --max_res=64 adds a 30-kimg 64x64 phase, where the stripes become a fine-scale factor (data.py).
-    'shapes': dict(max_res=32, width=1 / 16, nz=128, authors=True, ema_decay=0.9, lambda_x_dec=10.0, noise='none',
+    'shapes': dict(max_res=32, width=1 / 16, nz=128, authors=True, ema_decay=0.9, lambda_x_dec=10.0, lambda_j=0.0, noise='none',
                    phase_kimg={4: 12, 8: 30, 16: 48, 32: 40, 64: 30}, fade=0.5, beta1_dec=0.9,
                    batch_size={4: 32, 8: 32, 16: 32, 32: 16, 64: 32}, lr={4: 0.001, 8: 0.001, 16: 0.001, 32: 0.0003, 64: 0.0003},
                    margin={r: 0.5 for r in (4, 8, 16, 32, 64)}, num_workers=0,
