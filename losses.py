@@ -345,7 +345,8 @@ def decoder_loss(encoder, decoder, n, res, alpha, mix_ratio, lambda_z, lambda_j,
     n_reg = fakes.z.shape[0]
     kl_fake = kl_latent(gather(z_hat))
     cos = d_cos(fakes.z, z_hat[:n_reg]) if n_reg else z_hat.new_zeros(())
-    lj = layer_loss(decoder, z_hat[n_reg:], fakes.canvas, fakes.j, noise) if fakes.j else z_hat.new_zeros(())
+    with torch.set_grad_enabled(torch.is_grad_enabled() and lambda_j > 0):   # at weight 0, logged only
+        lj = layer_loss(decoder, z_hat[n_reg:], fakes.canvas, fakes.j, noise) if fakes.j else z_hat.new_zeros(())
     loss = kl_fake + lambda_z * cos + lambda_j * lj
     parts = dict(kl_fake=kl_fake.detach(), cos=cos.detach(), layer=lj.detach(), j=fakes.j)
     if lambda_x > 0:
