@@ -199,16 +199,26 @@ class AdaptiveRobustLoss(nn.Module):
 # ---------------------------------------------------------------------------------------------
 # The automodulator's terms
 
-def pixel_distance(kind, robust):
+def pixel_distance(kind, robust, fit_robust=False):
     """d of Eq. 6 as a function of the residual: Barron's adaptive loss `robust` (the paper), or the
-    plain mean absolute ('l1') or squared ('l2') error, the ablation of d_rho in the paper's Table 1."""
+    plain mean absolute ('l1') or squared ('l2') error, the ablation of d_rho in the paper's Table 1.
+
+    fit_robust: with l1 or l2, `robust`'s alpha and scale still fit the same residuals (detached: a
+    term of value 0 whose gradient reaches alpha and scale alone), as they do under d_rho; for a
+    run whose other pixel term (the decoder's lambda_x_dec) keeps d_rho while L_phi takes l1 or l2.
+    """
     if kind == 'robust':
         return robust
-    if kind == 'l1':
-        return lambda r: r.abs().mean()
-    if kind == 'l2':
-        return lambda r: r.pow(2).mean()
-    raise ValueError(f"the pixel distance must be 'robust', 'l1' or 'l2', got {kind!r}")
+    plain = {'l1': lambda r: r.abs().mean(), 'l2': lambda r: r.pow(2).mean()}.get(kind)
+    if plain is None:
+        raise ValueError(f"the pixel distance must be 'robust', 'l1' or 'l2', got {kind!r}")
+    if not fit_robust:
+        return plain
+
+    def fitted(r):
+        fit = robust(r.detach())
+        return plain(r) + (fit - fit.detach())
+    return fitted
 
 
 def kl_prior(z):

@@ -1252,9 +1252,19 @@ def test_train_pixel_distance_switch(tmp_path):
     assert L.pixel_distance('robust', robust) is robust
     assert torch.equal(L.pixel_distance('l1', robust)(r), r.abs().mean())
     assert torch.equal(L.pixel_distance('l2', robust)(r), r.pow(2).mean())
-    ck = run_train(tmp_path, recon='l1', total_kimg=0.016)
+    # L1 for L_phi while d_rho's alpha and scale fit the same residuals (for a d_rho decoder term)
+    fitted, ref = L.pixel_distance('l1', robust, fit_robust=True), L.AdaptiveRobustLoss(4)
+    r.requires_grad_(True)
+    value = fitted(r)
+    value.backward()
+    ref(r.detach()).backward()
+    assert torch.equal(value.detach(), r.abs().mean()) and torch.allclose(r.grad, r.sign() / r.numel())
+    assert all(torch.equal(p.grad, q.grad) for p, q in zip(robust.parameters(), ref.parameters()) if q.grad is not None)
+    ck = run_train(tmp_path / 'both', recon='l1', total_kimg=0.016)
     fresh = L.AdaptiveRobustLoss(16).state_dict()            # d_rho unused: its alpha and scale never move
     assert all(torch.equal(v, fresh[k]) for k, v in ck['robust'].items() if torch.is_tensor(v))
+    ck = run_train(tmp_path / 'encoder', recon='l1', recon_dec='robust', total_kimg=0.016)
+    assert not torch.equal(ck['robust']['alpha_latent.0'], fresh['alpha_latent.0'])
 
 
 def test_train_gives_back_the_signal_handlers(tmp_path):

@@ -67,6 +67,7 @@ lambda_z = 2.0              # latent cosine reconstruction
 lambda_j = 10.0             # layer-specific loss L_j
 lambda_x_dec = 0.0          # not in the paper: the decoder also reconstructs real images (on in the shapes preset)
 recon = 'robust'            # the pixel distance d of Eq. 6: robust (Barron's, the paper) | l1 | l2 (Table 1's ablation)
+recon_dec = ''              # d of the decoder's lambda_x_dec term ('' = as recon; robust with recon=l1: Table 1's ablation alone)
 beta1 = 0.0                 # Adam's first-moment decay, encoder (paper A.1: 0; 0.9 destabilized the KL game on shapes)
 beta1_dec = 0.0             # ... and decoder (paper A.1: 0)
 mix_ratio = 0.25            # share of style-mixed samples among the fakes (paper 1/4; authors' D step 1/2)
@@ -134,7 +135,8 @@ RULES = dict(
     batch_size=per_resolution(integer(1)), lr=per_resolution(above(0)),
     margin=per_resolution(Rule('a number >= 0, or None for no clamp', lambda m: m is None or at_least(0).ok(m))),
     lambda_x_fade=at_least(0), lambda_x_stable=at_least(0), lambda_z=at_least(0), lambda_j=at_least(0),
-    lambda_x_dec=at_least(0), recon=one_of('robust', 'l1', 'l2'), beta1=between(0, 1, open_hi=True), beta1_dec=between(0, 1, open_hi=True),
+    lambda_x_dec=at_least(0), recon=one_of('robust', 'l1', 'l2'), recon_dec=one_of('', 'robust', 'l1', 'l2'),
+    beta1=between(0, 1, open_hi=True), beta1_dec=between(0, 1, open_hi=True),
     mix_ratio=between(0, 1), ema_decay=between(0, 1),
     device=ANY, dtype=one_of('auto', *model.DTYPES), compile=ANY, channels_last=ANY, seed=integer(0),
     out_dir=ANY, init_from=Rule("'scratch', 'resume', or a checkpoint to fine-tune (a path or a released model's name)",
@@ -419,7 +421,11 @@ class Trainer:
         self.encoder, self.decoder = net.encoder, net.decoder
         self.ema = model.make_ema(self.decoder)
         self.robust = losses.AdaptiveRobustLoss(mcfg.max_res).to(dev)
-        self.distance = losses.pixel_distance(cfg['recon'], self.robust)   # d of Eq. 6
+        # d of Eq. 6 in L_phi, and of the decoder's own pixel term; d_rho's alpha and scale learn in
+        # the encoder step, so with d_rho in the decoder's term alone they fit the encoder's residuals
+        recon_dec = cfg['recon_dec'] or cfg['recon']
+        self.distance = losses.pixel_distance(cfg['recon'], self.robust, fit_robust=recon_dec == 'robust')
+        self.distance_dec = losses.pixel_distance(recon_dec, self.robust)
         # paper A.1: Adam, beta1 = 0, beta2 = 0.99; the robust loss's alpha and scale learn with the encoder
         self.opt_enc = torch.optim.Adam(list(self.encoder.parameters()) + list(self.robust.parameters()),
                                         lr=cfg['lr'][4], betas=(cfg['beta1'], 0.99), eps=1e-8)
@@ -512,7 +518,7 @@ class Trainer:
         with self.autocast:
             loss_dec, parts_dec = losses.decoder_loss(
                 self.encoder, self.decoder, x.shape[0], res, alpha, cfg['mix_ratio'], cfg['lambda_z'], cfg['lambda_j'],
-                self.gen, rank=self.rank, world=self.world, gather=gather, x=x, robust=self.distance,
+                self.gen, rank=self.rank, world=self.world, gather=gather, x=x, robust=self.distance_dec,
                 lambda_x=cfg['lambda_x_dec'], z_real=z_real)
         self.update(loss_dec, parts_dec, 'decoder', self.opt_dec, self.scaler_dec, list(self.decoder.parameters()))
         self.encoder.requires_grad_(True)
