@@ -103,10 +103,11 @@ def build(cfg, dev, max_res):
 
 
 def bench_train(cfg, dev, autocast, report):
-    """train.py's own step (Trainer.step_on) at one resolution, past its fade-in."""
+    """train.py's own step (Trainer.step_on) at one resolution, past its fade-in, with the paper's
+    settings (train.PAPER) but for the options given here."""
     r = cfg['res']
-    tcfg = {**train.DEFAULTS, **{k: cfg[k] for k in ('arch', 'width', 'authors', 'dtype', 'channels_last', 'compile')},
-            'max_res': r}
+    tcfg = {**train.DEFAULTS, **train.PAPER,
+            **{k: cfg[k] for k in ('arch', 'width', 'authors', 'dtype', 'channels_last', 'compile')}, 'max_res': r}
     t = train.Trainer(tcfg, train.model_config_from(tcfg), dev)
     while t.robust.res < r:
         t.robust.grow()
@@ -158,7 +159,7 @@ def bench_data(cfg, dev, report):
         imgs = data.ShapesSource().load_batch(list(range(256)), 256)
         for i, img in enumerate(imgs):
             Image.fromarray(img.permute(1, 2, 0).numpy()).save(os.path.join(root, f'{i:04d}.jpg'), quality=90)
-        source = data.make_source('folder', root, max_res=r, log=lambda *a: None)
+        source = data.open_split(dict(dataset='folder', data_root=root, max_res=r))
         folder = data.make_loader(source, r, b)
         seconds = timed(lambda: next(folder), dev, 2, 10)
         report('data_folder_64', seconds, 0, 'folder from the per-resolution cache, batch 64', images=b)

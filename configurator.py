@@ -13,7 +13,7 @@ calls `configure(globals(), keys)`:
 
 The default's type decides how a value is parsed: bools take True/False/1/0 (also yes/no, on/off),
 a bare `--flag` means True; ints and floats their usual text, tuples/lists/dicts a Python literal, strings anything.
-A dict default (a per-resolution table) also takes one number, meaning that number at every key.
+A dict default (a per-resolution table) also takes one number, which the script spreads over its table.
 An unknown key or a badly typed value stops the script with a message that names the key, the
 expected type and the closest valid names; `--help` lists every global with its default and comment.
 
@@ -28,6 +28,7 @@ import re
 import sys
 
 _TRUE = ('1', 'true', 'yes', 'on')
+_KINDS = dict(int='an integer', float='a number', str='a string', tuple='a tuple', list='a list')
 _FALSE = ('0', 'false', 'no', 'off')
 
 
@@ -68,42 +69,45 @@ def _parse(key, old, text):
         if isinstance(old, (tuple, list, dict)):
             new = ast.literal_eval(text)
             if isinstance(old, dict) and isinstance(new, (int, float)) and not isinstance(new, bool):
-                return {k: new for k in old}             # --batch_size=8: 8 at every resolution
+                return new                  # --batch_size=8: the script puts 8 at every key of its table
             if isinstance(old, dict) != isinstance(new, dict):
                 raise ValueError
             return type(old)(new) if not isinstance(old, dict) else new
         return text
     except (ValueError, SyntaxError, TypeError):
         hint = ('True/False/1/0' if isinstance(old, bool) else f'one number, or a dict like {old!r}'
-                if isinstance(old, dict) else f'a {kind} like {old!r}')
-        raise SystemExit(f'error: --{key}={text!r} is not a valid {kind}; expected {hint}')
+                if isinstance(old, dict) else f'{_KINDS.get(kind, "a " + kind)} like {old!r}')
+        raise SystemExit(f'error: --{key}={text!r} is not valid; expected {hint}')
 
 
-def _usage(g, keys):
+def _usage(g, keys, values, header=''):
     notes = _comments(g.get('__file__'))
     script = g.get('__file__', 'script')
-    rows = [f'usage: python {script} [--key=value | --key value] ...', '', 'options (default, meaning):']
+    rows = [f'usage: python {script} [--key=value | --key value] ...', '',
+            f'options ({header or "default"}, meaning):']
     width = max((len(k) for k in keys), default=0)
     for k in keys:
-        rows.append(f'  --{k:<{width}}  {g[k]!r:<14}  {notes.get(k, "")}'.rstrip())
+        rows.append(f'  --{k:<{width}}  {values[k]!r:<14}  {notes.get(k, "")}'.rstrip())
     return '\n'.join(rows)
 
 
-def configure(g, keys, argv=None):
+def configure(g, keys, argv=None, shown=None):
     """Override the globals named in `keys` of the dict `g` from argv (default sys.argv[1:]).
 
-    Returns {key: new value} for what was overridden; prints one line per override.
+    Returns {key: new value} for what was overridden; prints one line per override. `--help` prints
+    every key with its value and comment, then exits: the global's value, or with `shown` the value
+    that shown({key: value given}) says will run (a script whose presets replace globals).
     """
     argv = sys.argv[1:] if argv is None else list(argv)
     keys = list(keys)
-    done = {}
+    done, want_help = {}, False
     i = 0
     while i < len(argv):
         arg = argv[i]
         i += 1
         if arg in ('-h', '--help'):
-            print(_usage(g, keys))
-            raise SystemExit(0)
+            want_help = True
+            continue
         if not arg.startswith('--'):
             raise SystemExit(f'error: expected --key=value, got {arg!r} (see --help)')
         key, eq, text = arg[2:].partition('=')
@@ -112,15 +116,21 @@ def configure(g, keys, argv=None):
             close = difflib.get_close_matches(key, keys, n=3, cutoff=0.5)
             hint = f'; did you mean {", ".join("--" + c for c in close)}?' if close else ''
             raise SystemExit(f'error: unknown option --{key}{hint} (see --help for all options)')
-        if not eq and isinstance(g[key], bool) and (i >= len(argv) or argv[i].startswith('--')):
+        if not eq and isinstance(g[key], bool) and (i >= len(argv) or argv[i].startswith('-')):
             text, eq = 'True', '='                    # a bare boolean flag: --compile
         if not eq:
             if i >= len(argv):
                 raise SystemExit(f'error: --{key} needs a value, e.g. --{key}={g[key]!r}')
             text = argv[i]
             i += 1
-        g[key] = done[key] = _parse(key, g[key], text)
-        print(f'override {key} = {g[key]!r}')
+        done[key] = _parse(key, g[key], text)
+    if want_help:
+        values = {**g, **shown(done)} if shown else {**g, **done}
+        print(_usage(g, keys, values, 'the values that run with the options given' if done or shown else ''))
+        raise SystemExit(0)
+    for key, value in done.items():
+        g[key] = value
+        print(f'override {key} = {value!r}')
     return done
 
 

@@ -40,7 +40,8 @@ START_METHOD = 'fork' if 'fork' in mp.get_all_start_methods() and sys.platform !
 # shapes: procedural scenes with known factors
 
 SHAPES_TRAIN = 1_000_000     # indices [0, SHAPES_TRAIN) are the train split ...
-SHAPES_TEST = 10_000         # ... and the next SHAPES_TEST the held-out test split
+SHAPES_TEST = 10_000         # ... the next SHAPES_TEST the held-out test split (the preset was tuned on it) ...
+SHAPES_REPORT = 10_000       # ... and the next SHAPES_REPORT the report split, which no tuning run scored
 SHAPE_CLASSES = ('circle', 'square', 'triangle')
 TEXTURES = ('horizontal', 'vertical')   # stripes across y or across x, on the object only
 STRIPE_FREQ = 8.0            # stripe cycles per image width: a 4 px period at 32x32
@@ -83,11 +84,8 @@ def shapes_factors(index, seed=0):
     size = SIZE_RANGE[0] + (SIZE_RANGE[1] - SIZE_RANGE[0]) * u[:, 1]
     margin = _EXTENT[shape].double() * size + 0.04                  # the object stays inside
     center = margin[:, None] + (1 - 2 * margin[:, None]) * u[:, 2:4]
-    # light objects on dark backgrounds, each colour uniform in its own box: the two are independent
-    # factors, never blend, and the edge between them has one polarity. With the polarity drawn per
-    # image (channels 0.35-0.65 apart mod 1, the first version) a plain autoencoder of the preset's
-    # networks took ~3x the steps to learn the shape class (README, Training; our reading: the edge
-    # and corner features it needs then have to come in both signs).
+    # light objects on dark backgrounds, each colour uniform in its own box: two independent factors
+    # whose edge has one polarity (both polarities took ~3x the steps to learn the shape; RESULTS.md)
     obj = OBJECT_RANGE[0] + (OBJECT_RANGE[1] - OBJECT_RANGE[0]) * u[:, 4:7]
     bg = BACKGROUND_RANGE[0] + (BACKGROUND_RANGE[1] - BACKGROUND_RANGE[0]) * u[:, 7:10]
     texture = (u[:, 10] < 0.5).long() ^ 1
@@ -198,8 +196,11 @@ class ShapesSource:
     run's last resolution (from 64 on the stripes are a fine-scale factor, FINE_STRIPES_FROM)."""
     name = 'shapes'
 
+    SPLITS = {'train': (0, SHAPES_TRAIN), 'test': (SHAPES_TRAIN, SHAPES_TEST),
+              'report': (SHAPES_TRAIN + SHAPES_TEST, SHAPES_REPORT)}
+
     def __init__(self, split='train', seed=0, max_res=32):
-        self.offset, self.n = (0, SHAPES_TRAIN) if split == 'train' else (SHAPES_TRAIN, SHAPES_TEST)
+        self.offset, self.n = self.SPLITS[split]
         self.seed, self.max_res = seed, max_res
 
     def __len__(self):
@@ -215,6 +216,11 @@ class ShapesSource:
 
 def _to_uint8(img):
     return ((img + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+
+
+def to_float(x):
+    """uint8 images (0..255), as every source hands them out -> float in [-1, 1], the networks' range."""
+    return x.float().div(127.5).sub(1)
 
 
 def open_rgb(source):
@@ -491,9 +497,14 @@ def _split_by_count(n, n_train, split):
     return np.arange(n_train) if split == 'train' else np.arange(n_train, n)
 
 
-def make_source(dataset, data_root='', split='train', max_res=256, seed=0, test_fraction=0.0,
-                cache_dir='', num_workers=0, log=print):
-    """The source of `dataset` (one of DATASETS) and `split` ('train' or 'test').
+def _quiet(*args, **kwargs):
+    pass
+
+
+def open_split(cfg, split='train', log=None):
+    """The source of one split of the data set that the settings `cfg` name: a run's config (train.py's
+    settings, or the `config` a checkpoint records; absent keys take train.py's meaning). split:
+    'train', 'test' or, for shapes, 'report'; log: where cache and key-scan progress goes (None: nowhere).
 
     folder: sorted files, with a held-out `test_fraction` drawn by a fixed permutation (seed 0, not
     the run's seed, so every run holds out the same files); ffhq: file order, first 60,000 train and
@@ -501,10 +512,13 @@ def make_source(dataset, data_root='', split='train', max_res=256, seed=0, test_
     paper's 27k/3k; the authors split by CelebA index instead); lsun_bedroom: the official train lmdb
     and the val lmdb beside it for test; lsun_cars: key order, first 4,968,695 train, the rest test.
     """
+    dataset, data_root = cfg.get('dataset', 'shapes'), cfg.get('data_root', '')
+    max_res, seed, test_fraction = cfg.get('max_res', 256), cfg.get('seed', 0), cfg.get('test_fraction', 0.0)
+    cache_dir, num_workers, log = cfg.get('cache_dir', ''), cfg.get('num_workers', 0), log or _quiet
     if dataset not in DATASETS:
         raise ValueError(f'unknown dataset {dataset!r}; choose one of {", ".join(DATASETS)}')
-    if split not in ('train', 'test'):
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    if split not in ('train', 'test') and not (dataset == 'shapes' and split == 'report'):
+        raise ValueError(f"split must be 'train' or 'test' (shapes also 'report'), got {split!r}")
     if dataset == 'shapes':
         return ShapesSource(split, seed, max_res)
     if dataset.startswith('lsun'):
@@ -621,7 +635,7 @@ def prepare_batch(x, alpha=1.0, device='cpu', generator=None, flip=True, pairs=F
     `generator` on the CPU for the global batch, this rank's slice kept, so runs reproduce on any
     device and any number of processes), the fade-in blend, and with pairs=True the second half of
     the batch replaced by mirrors of the first (x, flip(x)) for the invariance loss."""
-    x = x.to(device, non_blocking=True).float().div_(127.5).sub_(1)
+    x = to_float(x.to(device, non_blocking=True))
     b = x.shape[0]
     if flip:
         mirror = (torch.rand(b * world, generator=generator)[rank * b:(rank + 1) * b] < 0.5).to(x.device)

@@ -7,9 +7,13 @@ switch here, off by default (README lists them).
 
 Weights are in the paper's units (KL weight 1); the authors' code uses one tenth of every weight.
 Their values are train.py's settings (paper A.1), passed in by the caller.
+
+LPIPS v0.1 (Zhang et al. 2018) is here too: a perceptual loss that projection optimises
+(sample.py) and that metrics.py reports.
 """
 import functools
 import math
+import os
 from typing import NamedTuple, Optional
 
 import numpy as np
@@ -308,48 +312,54 @@ def _same(z):
     return z
 
 
-def encoder_loss(encoder, decoder, robust, x, fakes, res, alpha, margin, lambda_x,
+def encoder_loss(encoder, decoder, distance, x, fakes, res, alpha, margin, weights,
                  extra_kl=False, upper_clamp=False, gather=_same, invariance_k=0):
-    """L_phi of Eq. 6: max(-M_gap, KL(phi(x)) - KL(phi(x_hat))) + lambda_X d_rho(x, theta(phi(x))).
+    """L_phi of Eq. 6: max(-M_gap, KL(phi(x)) - KL(phi(x_hat))) + lambda_X d(x, theta(phi(x))).
 
-    fakes: images x_hat (made under no_grad). The decoder's parameters should be frozen by the
-    caller; the reconstruction gradient flows through it into the encoder and the robust loss.
+    distance: d of Eq. 6 (d_rho, the robust loss, or pixel_distance's l1 / l2); weights: the loss
+    weights by their names in train.py, with 'lambda_x' this step's lambda_X (train.py takes
+    lambda_x_fade or lambda_x_stable). fakes: images x_hat (made under no_grad). The decoder's
+    parameters should be frozen by the caller; the reconstruction gradient flows through it into the
+    encoder and the robust loss.
     extra_kl: the authors' code adds KL(phi(x)) once more, outside the clamp (pioneer/train.py, `encoder_train`).
     invariance_k: x is (x1, flip(x1)) pairs, first half and second half; add L_inv + L'_inv of
     Eq. 10-11 with the split after block k (Sec. 3.3: added to L_phi). Their weight is lambda_X:
     with z1 = z2 they reduce to the reconstruction term, which they generalize (paper silent).
     gather: concatenates the latents of all processes (with gradient), so that the KL, a batch
     statistic, sees the global batch. Returns the loss, a dict of detached parts for logging, and
-    phi(x) detached (the decoder step's lambda_x term takes it).
+    phi(x) detached (the decoder step's lambda_x_dec term takes it).
     """
+    lambda_x = weights['lambda_x']
     z = encoder(x, res, alpha)
     kl_real = kl_latent(gather(z))
     kl_fake = kl_latent(gather(encoder(fakes, res, alpha)))
     adversarial = margin_kl(kl_real, kl_fake, margin, upper_clamp)
-    recon = robust(decoder(z, res, alpha) - x)
+    recon = distance(decoder(z, res, alpha) - x)
     loss = adversarial + lambda_x * recon + (kl_real if extra_kl else 0)
     parts = dict(kl_real=kl_real, kl_fake=kl_fake, recon=recon)
     if invariance_k:
         h = x.shape[0] // 2
-        parts['inv'] = invariance_loss(decoder, robust, x[:h], x[h:], z[:h], z[h:], invariance_k, res, alpha)
+        parts['inv'] = invariance_loss(decoder, distance, x[:h], x[h:], z[:h], z[h:], invariance_k, res, alpha)
         loss = loss + lambda_x * parts['inv']
     return loss, {k: v.detach() for k, v in parts.items()}, z.detach()
 
 
-def decoder_loss(encoder, decoder, n, res, alpha, mix_ratio, lambda_z, lambda_j, generator=None, noise=True,
-                 rank=0, world=1, gather=_same,
-                 x=None, robust=None, lambda_x=0.0, z_real=None):
+def decoder_loss(encoder, decoder, n, res, alpha, weights, mix_ratio, generator=None, noise=True,
+                 rank=0, world=1, gather=_same, x=None, distance=None, z_real=None):
     """L_theta of Eq. 6: KL(phi(x_hat)) + lambda_Z d_cos(z, phi(theta(z))) + lambda_j L_j.
 
-    The KL covers the whole batch; d_cos the regular samples; L_j the mixed ones (second pass,
-    Fig. 3c). The encoder's parameters should be frozen by the caller; gradients flow through it.
-    lambda_x > 0 (not in the paper nor the authors' code): the decoder also learns to reconstruct
-    the real batch x, lambda_x d_rho(x, theta(phi(x))) with phi(x) held fixed. In Eq. 6 only the
+    weights: the loss weights by their names in train.py (lambda_z, lambda_j, lambda_x_dec). The KL
+    covers the whole batch; d_cos the regular samples; L_j the mixed ones (second pass, Fig. 3c). The
+    encoder's parameters should be frozen by the caller; gradients flow through it.
+    lambda_x_dec > 0 (not in the paper nor the authors' code): the decoder also learns to reconstruct
+    the real batch x, lambda_x_dec distance(x, theta(phi(x))) with phi(x) held fixed. In Eq. 6 only the
     encoder sees real images; the decoder learns them through the latent cycle alone, which takes
     millions of images. The CPU preset turns this on to get pictures within minutes. z_real: phi(x)
     as the encoder step computed it, before its update, which saves an encoder pass (5% of a step
-    at 32x32); without it, phi(x) is encoded here.
+    at 32x32); without it, phi(x) is encoded here. Returns the loss and its detached parts, named as
+    train.py logs them.
     """
+    lambda_j, lambda_x = weights['lambda_j'], weights.get('lambda_x_dec', 0.0)
     fakes = fake_batch(decoder, n, res, alpha, mix_ratio, generator, noise, rank, world)
     z_hat = encoder(fakes.images, res, alpha)
     n_reg = fakes.z.shape[0]
@@ -357,25 +367,119 @@ def decoder_loss(encoder, decoder, n, res, alpha, mix_ratio, lambda_z, lambda_j,
     cos = d_cos(fakes.z, z_hat[:n_reg]) if n_reg else z_hat.new_zeros(())
     with torch.set_grad_enabled(torch.is_grad_enabled() and lambda_j > 0):   # at weight 0, logged only
         lj = layer_loss(decoder, z_hat[n_reg:], fakes.canvas, fakes.j, noise) if fakes.j else z_hat.new_zeros(())
-    loss = kl_fake + lambda_z * cos + lambda_j * lj
-    parts = dict(kl_fake=kl_fake.detach(), cos=cos.detach(), layer=lj.detach(), j=fakes.j)
+    loss = kl_fake + weights['lambda_z'] * cos + lambda_j * lj
+    parts = dict(kl_dec=kl_fake.detach(), dcos=cos.detach(), layer=lj.detach())
     if lambda_x > 0:
         if z_real is None:
             with torch.no_grad():
                 z_real = encoder(x, res, alpha)
-        recon = robust(decoder(z_real, res, alpha, noise=noise) - x)
+        recon = distance(decoder(z_real, res, alpha, noise=noise) - x)
         loss = loss + lambda_x * recon
-        parts['recon'] = recon.detach()
+        parts['rec_dec'] = recon.detach()
     return loss, parts
 
 
-def invariance_loss(decoder, robust, x1, x2, z1, z2, k, res, alpha, noise=True):
+def invariance_loss(decoder, distance, x1, x2, z1, z2, k, res, alpha, noise=True):
     """L_inv + L'_inv of Eq. 10-11 for invariant pairs (x1, x2) encoded as (z1, z2).
 
     L_inv = d(x2, theta(z2 on blocks [0, k), z1 after)): the first k blocks alone must carry what
     differs within a pair (pose, for flip pairs; the paper's layers #1-2 are k = 2). L'_inv swaps the
-    roles. d is the robust loss, as for reconstructions. Added to L_phi (Sec. 3.3).
+    roles. d is the distance of the reconstructions (d_rho). Added to L_phi (Sec. 3.3).
     """
     x2_hat = decoder(z1, res, alpha, noise=noise, canvas=decoder.canvas(z2, k, noise=noise), start=k)
     x1_hat = decoder(z2, res, alpha, noise=noise, canvas=decoder.canvas(z1, k, noise=noise), start=k)
-    return robust(x2_hat - x2) + robust(x1_hat - x1)
+    return distance(x2_hat - x2) + distance(x1_hat - x1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Weights from a local file or an official URL (LPIPS here, Inception in metrics.py)
+
+LPIPS_URLS = {'vgg': 'https://github.com/richzhang/PerceptualSimilarity/raw/master/lpips/weights/v0.1/vgg.pth',
+              'alex': 'https://github.com/richzhang/PerceptualSimilarity/raw/master/lpips/weights/v0.1/alex.pth'}
+BACKBONE_URLS = {'vgg': 'https://download.pytorch.org/models/vgg16-397923af.pth',
+                 'alex': 'https://download.pytorch.org/models/alexnet-owt-7be5be79.pth'}
+
+
+class MissingWeights(RuntimeError):
+    pass
+
+
+def load_weights(path, url, option):
+    """A state dict from `path` if given, else from `url` through torch.hub's download cache."""
+    if path:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f'--{option}={path} does not exist; download {url} to it')
+        return torch.load(path, map_location='cpu', weights_only=True)
+    cached = os.path.join(torch.hub.get_dir(), 'checkpoints', os.path.basename(url))
+    try:
+        return torch.hub.load_state_dict_from_url(url, map_location='cpu', progress=True)
+    except Exception as e:                                        # noqa: BLE001 (no network, 404, ...)
+        raise MissingWeights(f'cannot get the weights {url} ({type(e).__name__}: {e}). Download the file by '
+                           f'hand and put it at {cached}, or pass its path with --{option}=PATH') from None
+
+
+# --------------------------------------------------------------------------------------------
+# LPIPS v0.1 (Zhang et al. 2018)
+
+_TAPS = {'vgg': ((3, 8, 15, 22, 29), (64, 128, 256, 512, 512)),      # relu1_2 .. relu5_3
+         'alex': ((1, 4, 7, 9, 11), (64, 192, 384, 256, 256))}       # relu1 .. relu5
+
+
+def _vgg16_features():
+    """torchvision's vgg16().features up to relu5_3 (same indices, so its state dict loads)."""
+    layers, cin = [], 3
+    for v in (64, 64, 'M', 128, 128, 'M', 256, 256, 256, 'M', 512, 512, 512, 'M', 512, 512, 512):
+        if v == 'M':
+            layers.append(nn.MaxPool2d(2, 2))
+        else:
+            layers += [nn.Conv2d(cin, v, 3, padding=1), nn.ReLU()]
+            cin = v
+    return nn.Sequential(*layers)
+
+
+def _alexnet_features():
+    """torchvision's alexnet().features up to relu5."""
+    return nn.Sequential(nn.Conv2d(3, 64, 11, 4, 2), nn.ReLU(), nn.MaxPool2d(3, 2), nn.Conv2d(64, 192, 5, padding=2),
+                         nn.ReLU(), nn.MaxPool2d(3, 2), nn.Conv2d(192, 384, 3, padding=1), nn.ReLU(),
+                         nn.Conv2d(384, 256, 3, padding=1), nn.ReLU(), nn.Conv2d(256, 256, 3, padding=1), nn.ReLU())
+
+
+class LPIPS(nn.Module):
+    """LPIPS distance: unit-normalized backbone features, squared differences weighted by the learned
+    1x1 heads, averaged over space and summed over layers. forward(x, y) with images in [-1, 1]
+    returns (N,) distances. backbone / heads: a path or a state dict ('' = the official URL)."""
+
+    def __init__(self, net='vgg', backbone='', heads=''):
+        super().__init__()
+        if net not in _TAPS:
+            raise ValueError(f"LPIPS net must be 'vgg' or 'alex', got {net!r}")
+        taps, channels = _TAPS[net]
+        self.features = _vgg16_features() if net == 'vgg' else _alexnet_features()
+        sd = backbone if isinstance(backbone, dict) else load_weights(backbone, BACKBONE_URLS[net], f'{net}_backbone')
+        # the torchvision file's features.N.* only: the classifier is not needed
+        self.features.load_state_dict({k[len('features.'):]: v for k, v in sd.items() if k.startswith('features.')})
+        self.taps = taps
+        self.heads = nn.ModuleList([nn.Conv2d(c, 1, 1, bias=False) for c in channels])
+        hd = heads if isinstance(heads, dict) else load_weights(heads, LPIPS_URLS[net], f'lpips_{net}')
+        for k, head in enumerate(self.heads):
+            head.weight.data.copy_(hd[f'lin{k}.model.1.weight'])
+        self.register_buffer('shift', torch.tensor([-.030, -.088, -.188])[None, :, None, None])
+        self.register_buffer('scale', torch.tensor([.458, .448, .450])[None, :, None, None])
+        self.eval().requires_grad_(False)
+
+    def _taps(self, x):
+        x = (x - self.shift) / self.scale
+        out = []
+        for i, layer in enumerate(self.features):
+            x = layer(x)
+            if i in self.taps:
+                out.append(x / (x.pow(2).sum(1, keepdim=True).sqrt() + 1e-10))
+        return out
+
+    def forward(self, x, y):
+        if x.shape[-1] < 64:        # AlexNet's stride would leave nothing of tiny images: enlarge them
+            x, y = (F.interpolate(t, size=64, mode='nearest') for t in (x, y))
+        total = 0
+        for head, fx, fy in zip(self.heads, self._taps(x), self._taps(y)):
+            total = total + head((fx - fy) ** 2).mean((2, 3))
+        return total.flatten()

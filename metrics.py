@@ -5,9 +5,16 @@
     python metrics.py --metric=fid_rec     # FID of reconstructions of held-out images vs those images
     python metrics.py --metric=lpips_rec   # Table 2a: held-out images vs reconstructions (LPIPS)
     python metrics.py --metric=ppl         # perceptual path length (A.1), VGG LPIPS
+    python metrics.py --metric=pr          # precision and recall of prior samples against the train split
     python metrics.py --metric=mix         # shapes only: which factors follow A and B under mixing
+    python metrics.py --metric=invariance  # shapes only: blocks 0-1 from the mirror move the pose alone (Sec. 4.3)
+    python metrics.py --metric=edit        # shapes only: a triangle direction turns circles into triangles
+    python metrics.py --metric=project     # shapes only: pixel error and shape read along the projection
+    python metrics.py --metric=fid --folder_a=real/ --folder_b=fake/   # two folders, no checkpoint (fid or pr)
 
-Each prints its value and appends one JSON line to out_dir/metrics.jsonl. The networks are written
+The shapes scores take --shapes_range=test (10,000 held-out scenes, the range the preset was tuned
+on) or report (the next 10,000, which no tuning run scored). Each prints its value and appends one
+JSON line to metrics.jsonl beside the checkpoint. The networks are written its value and appends one JSON line to out_dir/metrics.jsonl. The networks are written
 here: `InceptionV3` is the TensorFlow FID graph (it loads pt_inception-2015-12-05-6726825d.pth, the
 standard PyTorch port of its weights, without renaming) and `LPIPS` is LPIPS v0.1 (torchvision
 VGG16/AlexNet features and the official linear heads). Weights come from a local path (a global per
@@ -27,33 +34,11 @@ import torch.nn.functional as F
 
 import data
 import model
+import sample
 from configurator import ANY, Rule, above, at_least, check, configure, integer, matches, one_of
+from losses import LPIPS, MissingWeights, load_weights  # noqa: F401 (LPIPS, a perceptual loss, lives in losses.py)
 
 FID_URL = 'https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth'
-LPIPS_URLS = {'vgg': 'https://github.com/richzhang/PerceptualSimilarity/raw/master/lpips/weights/v0.1/vgg.pth',
-              'alex': 'https://github.com/richzhang/PerceptualSimilarity/raw/master/lpips/weights/v0.1/alex.pth'}
-BACKBONE_URLS = {'vgg': 'https://download.pytorch.org/models/vgg16-397923af.pth',
-                 'alex': 'https://download.pytorch.org/models/alexnet-owt-7be5be79.pth'}
-
-
-class MissingWeights(RuntimeError):
-    pass
-
-
-def load_weights(path, url, option):
-    """A state dict from `path` if given, else from `url` through torch.hub's download cache."""
-    if path:
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f'--{option}={path} does not exist; download {url} to it')
-        return torch.load(path, map_location='cpu', weights_only=True)
-    cached = os.path.join(torch.hub.get_dir(), 'checkpoints', os.path.basename(url))
-    try:
-        return torch.hub.load_state_dict_from_url(url, map_location='cpu', progress=True)
-    except Exception as e:                                        # noqa: BLE001 (no network, 404, ...)
-        raise MissingWeights(f'cannot get the weights {url} ({type(e).__name__}: {e}). Download the file by '
-                           f'hand and put it at {cached}, or pass its path with --{option}=PATH') from None
-
-
 # --------------------------------------------------------------------------------------------
 # Inception-v3 as in the TensorFlow FID graph (2015-12-05)
 
@@ -224,73 +209,6 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
 
 
 # --------------------------------------------------------------------------------------------
-# LPIPS v0.1 (Zhang et al. 2018)
-
-_TAPS = {'vgg': ((3, 8, 15, 22, 29), (64, 128, 256, 512, 512)),      # relu1_2 .. relu5_3
-         'alex': ((1, 4, 7, 9, 11), (64, 192, 384, 256, 256))}       # relu1 .. relu5
-
-
-def _vgg16_features():
-    """torchvision's vgg16().features up to relu5_3 (same indices, so its state dict loads)."""
-    layers, cin = [], 3
-    for v in (64, 64, 'M', 128, 128, 'M', 256, 256, 256, 'M', 512, 512, 512, 'M', 512, 512, 512):
-        if v == 'M':
-            layers.append(nn.MaxPool2d(2, 2))
-        else:
-            layers += [nn.Conv2d(cin, v, 3, padding=1), nn.ReLU()]
-            cin = v
-    return nn.Sequential(*layers)
-
-
-def _alexnet_features():
-    """torchvision's alexnet().features up to relu5."""
-    return nn.Sequential(nn.Conv2d(3, 64, 11, 4, 2), nn.ReLU(), nn.MaxPool2d(3, 2), nn.Conv2d(64, 192, 5, padding=2),
-                         nn.ReLU(), nn.MaxPool2d(3, 2), nn.Conv2d(192, 384, 3, padding=1), nn.ReLU(),
-                         nn.Conv2d(384, 256, 3, padding=1), nn.ReLU(), nn.Conv2d(256, 256, 3, padding=1), nn.ReLU())
-
-
-class LPIPS(nn.Module):
-    """LPIPS distance: unit-normalized backbone features, squared differences weighted by the learned
-    1x1 heads, averaged over space and summed over layers. forward(x, y) with images in [-1, 1]
-    returns (N,) distances. backbone / heads: a path or a state dict ('' = the official URL)."""
-
-    def __init__(self, net='vgg', backbone='', heads=''):
-        super().__init__()
-        if net not in _TAPS:
-            raise ValueError(f"LPIPS net must be 'vgg' or 'alex', got {net!r}")
-        taps, channels = _TAPS[net]
-        self.features = _vgg16_features() if net == 'vgg' else _alexnet_features()
-        sd = backbone if isinstance(backbone, dict) else load_weights(backbone, BACKBONE_URLS[net], f'{net}_backbone')
-        # the torchvision file's features.N.* only: the classifier is not needed
-        self.features.load_state_dict({k[len('features.'):]: v for k, v in sd.items() if k.startswith('features.')})
-        self.taps = taps
-        self.heads = nn.ModuleList([nn.Conv2d(c, 1, 1, bias=False) for c in channels])
-        hd = heads if isinstance(heads, dict) else load_weights(heads, LPIPS_URLS[net], f'lpips_{net}')
-        for k, head in enumerate(self.heads):
-            head.weight.data.copy_(hd[f'lin{k}.model.1.weight'])
-        self.register_buffer('shift', torch.tensor([-.030, -.088, -.188])[None, :, None, None])
-        self.register_buffer('scale', torch.tensor([.458, .448, .450])[None, :, None, None])
-        self.eval().requires_grad_(False)
-
-    def _taps(self, x):
-        x = (x - self.shift) / self.scale
-        out = []
-        for i, layer in enumerate(self.features):
-            x = layer(x)
-            if i in self.taps:
-                out.append(x / (x.pow(2).sum(1, keepdim=True).sqrt() + 1e-10))
-        return out
-
-    def forward(self, x, y):
-        if x.shape[-1] < 64:        # AlexNet's stride would leave nothing of tiny images: enlarge them
-            x, y = (F.interpolate(t, size=64, mode='nearest') for t in (x, y))
-        total = 0
-        for head, fx, fy in zip(self.heads, self._taps(x), self._taps(y)):
-            total = total + head((fx - fy) ** 2).mean((2, 3))
-        return total.flatten()
-
-
-# --------------------------------------------------------------------------------------------
 # Helpers: batches, progress, statistics
 
 class Progress:
@@ -330,7 +248,7 @@ def inception_features(inception, images_fn, count, batch, what):
 
 
 def load_source_images(source, res, start, n, device):
-    return (source.load_batch(list(range(start, start + n)), res).float() / 127.5 - 1).to(device)
+    return data.to_float(source.load_batch(list(range(start, start + n)), res)).to(device)
 
 
 def face_crop(x, dataset, mode='auto'):
@@ -359,8 +277,7 @@ def real_statistics(inception, saved, res, count, batch, device, cache_dir, spli
     if os.path.exists(path):
         st = np.load(path)
         return st['mu'], st['sigma']
-    source = data.make_source(name, root, split, saved.get('max_res', res), saved.get('seed', 0),
-                              saved.get('test_fraction', 0.0), saved.get('cache_dir', ''), 0, lambda *a: None)
+    source = data.open_split({'max_res': res, **saved, 'num_workers': 0}, split)
     if len(source) < count:
         print(f'note: the {split} split has {len(source)} images, fewer than {count}; using all of them', file=sys.stderr)
         count = len(source)
@@ -541,11 +458,11 @@ def reconstruction_score(net, test, count, batch):
 
 
 @torch.no_grad()
-def mixing(net, count, batch):
+def mixing(net, count, batch, split='test'):
     """On shapes: decode A with B's latents on the coarse / intermediate / fine blocks and score which
     factors follow which source. A model disentangled by scale has layout from whoever drives the
     coarse blocks and appearance from whoever drives the rest."""
-    test = shapes_split(net, 'test')
+    test = shapes_split(net, split)
     n_used = net.decoder.blocks_at(net.res)
     results = {'reconstruction': reconstruction_score(net, test, count, batch)}
     for group in model.GROUPS:
@@ -567,24 +484,23 @@ def mixing(net, count, batch):
 
 
 @torch.no_grad()
-def edit_score(net, count, batch, strengths, blocks='coarse'):
+def edit_score(net, count, batch, strengths, blocks='coarse', split='test'):
     """On shapes: a triangle direction (mean latent of train-split triangles minus that of circles,
     `count` each at most) applied on `blocks` to `count` held-out circles. Per strength: the share
     read as a triangle, and how far position (image widths) and colours (per channel, [0, 1]) move
     from the plain reconstruction (strength 0), as mean absolute differences of the estimates."""
-    import sample
     dev = net.const_device()
 
     def codes(source, kind):                                    # latents of the first `count` of a shape class
         idx = torch.nonzero(source.factors(range(6 * count))['shape'] == kind)[:count, 0].tolist()
-        return torch.cat([net.encode(source.load_batch(idx[i:i + batch], net.res).float().div(127.5).sub(1).to(dev))
+        return torch.cat([net.encode(data.to_float(source.load_batch(idx[i:i + batch], net.res)).to(dev))
                           for i in range(0, len(idx), batch)])
 
     def estimates(z, strength):
         moved = [sample.move_along(z[i:i + batch], direction, strength, group, net.decoder.n_blocks)
                  for i in range(0, len(z), batch)]
         return data.estimate_factors(torch.cat([net.decode(m, noise=False).clamp(-1, 1).cpu() for m in moved]))
-    train, test = shapes_split(net, 'train'), shapes_split(net, 'test')
+    train, test = shapes_split(net, 'train'), shapes_split(net, split)
     direction = codes(train, 2).mean(0) - codes(train, 0).mean(0)        # triangles minus circles
     z, group = codes(test, 0), sample.blocks_of(net, blocks)
     est = {s: estimates(z, s) for s in (0.0, *strengths)}
@@ -596,13 +512,12 @@ def edit_score(net, count, batch, strengths, blocks='coarse'):
             for s, e in est.items()} | dict(images=len(z), direction_length=float(direction.norm()))
 
 
-def projection_curve(net, count, steps, lpips=None, lpips_weight=1.0, lr=0.01):
+def projection_curve(net, count, steps, lpips=None, lpips_weight=1.0, lr=0.01, split='test'):
     """On shapes: `count` held-out images projected (sample.project) together; pixel L1 and the
     shape class read from the decodes at steps 0 (the encoder alone), 10, 30, 100, 300 (up to
     `steps`), with the wall time per image of each."""
-    import sample
-    test = shapes_split(net, 'test')
-    x = test.load_batch(range(count), net.res).float().div(127.5).sub(1).to(net.const_device())
+    test = shapes_split(net, split)
+    x = data.to_float(test.load_batch(range(count), net.res)).to(net.const_device())
     truth = test.factors(range(count))['shape']
     _, history = sample.project(net, x, steps, lpips, lpips_weight, 1.0, lr, keep=True)
     out = {}
@@ -615,7 +530,7 @@ def projection_curve(net, count, steps, lpips=None, lpips_weight=1.0, lr=0.01):
 
 
 @torch.no_grad()
-def invariance_score(net, count, batch, k=model.INVARIANCE_K):
+def invariance_score(net, count, batch, k=model.INVARIANCE_K, split='test'):
     """Sec. 4.3 on shapes: decode each held-out image with blocks [0, k) driven by the encoding of
     its horizontal mirror (the paper's layers #1-2) and the rest by its own. Flip invariance holds
     when that mirrors the layout alone: x -> 1 - x with y, size, shape, colour, background and
@@ -624,7 +539,7 @@ def invariance_score(net, count, batch, k=model.INVARIANCE_K):
     (against the unmirrored image) as the reference for what the estimator can read. 'pixels', which
     needs no estimator: the mean L1 distance of the swap to the mirror's reconstruction (where pose
     alone from the mirror should land) and to the image's own, and the share closer to the first."""
-    test = shapes_split(net, 'test')
+    test = shapes_split(net, split)
     n_blocks, keep = net.decoder.n_blocks, ('y', 'size', 'shape', 'color', 'background', 'texture')
     hits, to_mirror, to_own = {'swap': [], 'recon': []}, [], []
     for start, n in batches(count, batch):
@@ -669,6 +584,7 @@ pr_k = 3                    # pr: k of the k-nearest-neighbour balls (Kynkaannie
 rec_count = 10000           # fid_rec, lpips_rec: held-out images (paper: 10k unseen FFHQ images)
 ppl_count = 100000          # ppl: latent pairs (paper: 100k)
 mix_count = 1000            # mix: held-out pairs per group; invariance, edit: held-out images
+shapes_range = 'test'       # mix, invariance, edit, project: test (the preset was tuned on it) | report (no tuning run scored it)
 strengths = (0.5, 1.0, 1.5, 2.0, 3.0)  # edit: steps along the triangle direction
 edit_blocks = 'coarse'      # edit: the blocks the direction moves (coarse | intermediate | fine | all | a:b)
 project_count = 64          # project: held-out images
@@ -699,7 +615,7 @@ RULES = dict(
     folder_a=ANY, folder_b=ANY, folder_res=integer(8), pr_k=integer(1),
     out_dir=ANY, ckpt=ANY, dataset=one_of('', *data.DATASETS), data_root=ANY, fid_count=integer(2),
     rec_count=integer(2), ppl_count=integer(1), mix_count=integer(1), batch=integer(1), epsilon=above(0),
-    lpips_net=one_of('alex', 'vgg'), ppl_net=one_of('alex', 'vgg'), crop=one_of('auto', 'yes', 'no'),
+    shapes_range=one_of('test', 'report'), lpips_net=one_of('alex', 'vgg'), ppl_net=one_of('alex', 'vgg'), crop=one_of('auto', 'yes', 'no'),
     inception=ANY, vgg_backbone=ANY, alex_backbone=ANY, lpips_vgg=ANY, lpips_alex=ANY, stats_dir=ANY,
     seed=integer(0), device=ANY)
 
@@ -713,14 +629,19 @@ def held_out(saved, res):
     if name == 'folder' and saved.get('test_fraction', 0) <= 0:
         raise SystemExit('error: this folder run has no held-out images; train with --test_fraction=0.1 '
                          '(or use a data set with a test split)')
-    return data.make_source(name, saved.get('data_root', ''), 'test', saved.get('max_res', res), saved.get('seed', 0),
-                            saved.get('test_fraction', 0.0), saved.get('cache_dir', ''), 0, lambda *a: None)
+    return data.open_split({'max_res': res, **saved, 'num_workers': 0}, 'test')
 
 
 def fid_count_of(cfg):
     """--metric=fid5k is --metric=fid --fid_count=5000."""
     tail = cfg['metric'][3:] if cfg['metric'].startswith('fid') and cfg['metric'] != 'fid_rec' else ''
     return int(float(tail.rstrip('k')) * (1000 if tail.endswith('k') else 1)) if tail else cfg['fid_count']
+
+
+def load_inception(cfg, dev):
+    inc = InceptionV3().to(dev)
+    inc.load_state_dict(load_weights(cfg['inception'], FID_URL, 'inception'))
+    return inc
 
 
 def compare_folders(cfg, dev):
@@ -730,8 +651,7 @@ def compare_folders(cfg, dev):
     if not (cfg['metric'].startswith('fid') and cfg['metric'] != 'fid_rec' or cfg['metric'] == 'pr'):
         raise SystemExit(f"error: --metric={cfg['metric']} needs a checkpoint; between folders use fid or pr")
     count, t0 = fid_count_of(cfg), time.time()
-    inc = InceptionV3().to(dev)
-    inc.load_state_dict(load_weights(cfg['inception'], FID_URL, 'inception'))
+    inc = load_inception(cfg, dev)
     try:
         a, b = (folder_features(inc, cfg[k], cfg['folder_res'], cfg['batch'], count, dev) for k in ('folder_a', 'folder_b'))
     except (ValueError, FileNotFoundError) as e:
@@ -747,16 +667,119 @@ def compare_folders(cfg, dev):
 
 
 def write_record(record, log_dir, detail=''):
-    """Print a result and append it as one JSON line to log_dir/metrics.jsonl."""
+    """Print a result (a table's numbers stay in the file) and append it as one JSON line to log_dir/metrics.jsonl."""
     value = record['value']
-    shown = json.dumps(value) if isinstance(value, dict) else f'{value:.4f}'
-    print(f'{record["metric"]} = {shown}  ({detail}{record["seconds"]} s)')
+    shown = '' if isinstance(value, dict) else f' = {value:.4f}'
+    path = os.path.join(log_dir, 'metrics.jsonl')
+    print(f'{record["metric"]}{shown}  ({detail}{record["seconds"]} s); appended to {path}')
     os.makedirs(log_dir, exist_ok=True)
-    with open(os.path.join(log_dir, 'metrics.jsonl'), 'a') as f:
+    with open(path, 'a') as f:
         f.write(json.dumps(record) + '\n')
 
 
+# --------------------------------------------------------------------------------------------
+# One function per metric: (net, cfg, the run's data settings, device) -> (name, value, protocol)
+
+def fid_metric(net, cfg, saved, dev):
+    count = fid_count_of(cfg)
+    inc = load_inception(cfg, dev)
+    stats = real_statistics(inc, saved, net.res, count, cfg['batch'], dev,
+                            cfg['stats_dir'] or os.path.expanduser('~/.cache/automodulator/fid_stats'))
+    value = fid_samples(net, inc, stats, count, cfg['batch'], cfg['seed'])
+    return (f'fid{_count_name(count)}', value,
+            'EMA decoder prior samples (layer noise on) vs train split, bilinear resize to 299')
+
+
+def pr_metric(net, cfg, saved, dev):
+    inc = load_inception(cfg, dev)
+    source = data.open_split({'max_res': net.res, **saved, 'num_workers': 0}, 'train')
+    real = real_features(inc, source, net.res, cfg['fid_count'], cfg['batch'], dev)
+    value = precision_recall(real, sample_features(net, inc, len(real), cfg['batch'], cfg['seed']), cfg['pr_k'])
+    return f'pr{_count_name(len(real))}', value, f'EMA decoder prior samples vs train split, k = {cfg["pr_k"]}, Inception pool3'
+
+
+def fid_rec_metric(net, cfg, saved, dev):
+    inc = load_inception(cfg, dev)
+    source = held_out(saved, net.res)
+    count = min(cfg['rec_count'], len(source))
+    value = fid_reconstructions(net, inc, source, count, cfg['batch'])
+    return f'fid_rec{_count_name(count)}', value, 'reconstructions vs the same held-out images'
+
+
+def _lpips(cfg, which, dev):
+    paths = dict(vgg=(cfg['vgg_backbone'], cfg['lpips_vgg']), alex=(cfg['alex_backbone'], cfg['lpips_alex']))
+    return LPIPS(which, *paths[which]).to(dev)
+
+
+def lpips_rec_metric(net, cfg, saved, dev):
+    source = held_out(saved, net.res)
+    count = min(cfg['rec_count'], len(source))
+    value = lpips_reconstructions(net, _lpips(cfg, cfg['lpips_net'], dev), source, count, cfg['batch'],
+                                  saved.get('dataset', 'shapes'), cfg['crop'])
+    return f'lpips_rec{_count_name(count)}', value, f'LPIPS v0.1 {cfg["lpips_net"]}, crop {cfg["crop"]}'
+
+
+def ppl_metric(net, cfg, saved, dev):
+    count = cfg['ppl_count']
+    value = path_length(net, _lpips(cfg, cfg['ppl_net'], dev), count, cfg['batch'], saved.get('dataset', 'shapes'),
+                        cfg['crop'], cfg['epsilon'], cfg['seed'])
+    return (f'ppl{_count_name(count)}', value,
+            f'LPIPS v0.1 {cfg["ppl_net"]}, crop {cfg["crop"]}, slerp, eps {cfg["epsilon"]}, 1-99% kept')
+
+
+def mix_metric(net, cfg, saved, dev):
+    value = mixing(net, cfg['mix_count'], cfg['batch'], cfg['shapes_range'])
+    rec = value['reconstruction']
+    classes = ' '.join(f'{k} {v:.2f}' for k, v in rec['shape_by_class'].items())
+    print(f'reconstruction: pixel L1 {rec["l1"]:.4f} | read back: '
+          + ' '.join(f'{k} {rec[k]:.2f}' for k in LAYOUT + APPEARANCE) + f' | shape per class: {classes}')
+    for group, scores in value.items():
+        if group != 'reconstruction':
+            print(f'{group:13s} strict, follows B: ' + ' '.join(f'{k} {scores[k]["b"]:.2f}' for k in LAYOUT + APPEARANCE)
+                  + ' | nearer B: ' + ' '.join(f'{k} {scores[k]["b_nearer"]:.2f}' for k in CONTINUOUS
+                                               if 'b_nearer' in scores[k]))
+    return (f'mix{_count_name(cfg["mix_count"])}', value,
+            f"{cfg['shapes_range']} range; B's latents on the group's blocks, A's elsewhere; share of each factor matching A / B")
+
+
+def invariance_metric(net, cfg, saved, dev):
+    value = invariance_score(net, cfg['mix_count'], cfg['batch'], split=cfg['shapes_range'])
+    for row, scores in value.items():
+        print(f'{row:6s} ' + ' '.join(f'{k} {v:.2f}' for k, v in scores.items()))
+    return (f'invariance{_count_name(cfg["mix_count"])}', value, f"{cfg['shapes_range']} range; blocks 0-1 from the "
+            "mirrored image's latent: share with x mirrored and each other factor kept; recon: plain reconstructions")
+
+
+def edit_metric(net, cfg, saved, dev):
+    value = edit_score(net, cfg['mix_count'], cfg['batch'], cfg['strengths'], cfg['edit_blocks'], cfg['shapes_range'])
+    for s_, row in value.items():
+        if isinstance(row, dict):
+            print(f'strength {s_:>4s}: triangle {row["triangle"]:.2f} circle {row["circle"]:.2f} | position moved '
+                  f'{row["moved_xy"]:.3f} | colour {row["moved_colour"]:.3f} | background {row["moved_background"]:.3f}')
+    return (f'edit{_count_name(value["images"])}', value,
+            f'direction: train triangles minus circles, on {cfg["edit_blocks"]}; {cfg["shapes_range"]} range circles')
+
+
+def project_metric(net, cfg, saved, dev):
+    lp = sample.lpips_for_projection(dict(lpips=cfg['project_lpips'], vgg_backbone=cfg['vgg_backbone'],
+                                          lpips_vgg=cfg['lpips_vgg']), '--project_lpips')
+    value = projection_curve(net, cfg['project_count'], cfg['project_steps'], lp.to(dev) if lp else None,
+                             cfg['project_lpips'], cfg['project_lr'], cfg['shapes_range'])
+    for step, row in value.items():
+        print(f'step {step:>4s}: pixel L1 {row["pixel_l1"]:.4f} | shape {row["shape"]:.2f} | '
+              f'{row["seconds_per_image"] * 1000:.1f} ms per image')
+    return (f'project{_count_name(cfg["project_count"])}', value, f'{cfg["shapes_range"]} range, Adam lr '
+            f'{cfg["project_lr"]}, MSE + {cfg["project_lpips"]} LPIPS (VGG)')
+
+
+METRICS = dict(fid=fid_metric, pr=pr_metric, fid_rec=fid_rec_metric, lpips_rec=lpips_rec_metric, ppl=ppl_metric,
+               mix=mix_metric, invariance=invariance_metric, edit=edit_metric, project=project_metric)
+SHAPES_ONLY = ('mix', 'invariance', 'edit', 'project')   # scores that need the scenes' known factors
+NO_IMAGES = ('ppl', 'mix', 'invariance', 'edit', 'project')   # what an authors' file without a data set can score
+
+
 def main(cfg):
+    """Score a checkpoint (or two folders) by --metric and append the record; returns it."""
     check(cfg, RULES)
     try:
         dev = model.resolve_device(cfg['device'])
@@ -773,100 +796,19 @@ def main(cfg):
         raise SystemExit(f'error: {e}')
     # the data set the checkpoint records, or --dataset / --data_root (the authors' files record none)
     saved = {**net.config, **{k: cfg[k] for k in ('dataset', 'data_root') if cfg[k]}}
-    name, dataset = cfg['metric'], saved.get('dataset', 'shapes')
-    if net.input_crop and not saved.get('data_root') and name not in ('ppl', 'mix'):
+    dataset = saved.get('dataset', 'shapes')
+    which = 'fid' if cfg['metric'].startswith('fid') and cfg['metric'] != 'fid_rec' else cfg['metric']
+    if net.input_crop and not saved.get('data_root') and which not in NO_IMAGES:
         raise SystemExit(f'error: {net.path} records no data set; pass --dataset=NAME --data_root=PATH '
                          f'(the real images this metric compares with)')
-    paths = dict(vgg=(cfg['vgg_backbone'], cfg['lpips_vgg']), alex=(cfg['alex_backbone'], cfg['lpips_alex']))
+    if which in SHAPES_ONLY and dataset != 'shapes':
+        raise SystemExit(f'error: the {which} score needs the shapes data set (its factors are known); this '
+                         f'checkpoint was trained on {dataset}')
     t0 = time.time()
-    if name.startswith('fid') and name not in ('fid_rec',):
-        cfg['fid_count'] = fid_count_of(cfg)
-        inc = InceptionV3().to(dev)
-        inc.load_state_dict(load_weights(cfg['inception'], FID_URL, 'inception'))
-        stats = real_statistics(inc, saved, net.res, cfg['fid_count'], cfg['batch'], dev,
-                                cfg['stats_dir'] or os.path.expanduser('~/.cache/automodulator/fid_stats'))
-        value = fid_samples(net, inc, stats, cfg['fid_count'], cfg['batch'], cfg['seed'])
-        name, protocol = f'fid{_count_name(cfg["fid_count"])}', 'EMA decoder prior samples (layer noise on) vs train split, bilinear resize to 299'
-    elif name == 'pr':
-        inc = InceptionV3().to(dev)
-        inc.load_state_dict(load_weights(cfg['inception'], FID_URL, 'inception'))
-        source = data.make_source(dataset, saved.get('data_root', ''), 'train', saved.get('max_res', net.res),
-                                  saved.get('seed', 0), saved.get('test_fraction', 0.0), saved.get('cache_dir', ''),
-                                  0, lambda *a: None)
-        real = real_features(inc, source, net.res, cfg['fid_count'], cfg['batch'], dev)
-        value = precision_recall(real, sample_features(net, inc, len(real), cfg['batch'], cfg['seed']), cfg['pr_k'])
-        name, protocol = f'pr{_count_name(len(real))}', f'EMA decoder prior samples vs train split, k = {cfg["pr_k"]}, Inception pool3'
-    elif name == 'fid_rec':
-        inc = InceptionV3().to(dev)
-        inc.load_state_dict(load_weights(cfg['inception'], FID_URL, 'inception'))
-        source = held_out(saved, net.res)
-        count = min(cfg['rec_count'], len(source))
-        value = fid_reconstructions(net, inc, source, count, cfg['batch'])
-        name, protocol = f'fid_rec{_count_name(count)}', 'reconstructions vs the same held-out images'
-    elif name in ('lpips_rec', 'ppl'):
-        which = cfg['lpips_net'] if name == 'lpips_rec' else cfg['ppl_net']
-        lp = LPIPS(which, *paths[which]).to(dev)
-        if name == 'lpips_rec':
-            source = held_out(saved, net.res)
-            count = min(cfg['rec_count'], len(source))
-            value = lpips_reconstructions(net, lp, source, count, cfg['batch'], dataset, cfg['crop'])
-            name = f'lpips_rec{_count_name(count)}'
-        else:
-            count = cfg['ppl_count']
-            value = path_length(net, lp, count, cfg['batch'], dataset, cfg['crop'], cfg['epsilon'], cfg['seed'])
-            name = f'ppl{_count_name(count)}'
-        protocol = f'LPIPS v0.1 {which}, crop {cfg["crop"]}' + (f', slerp, eps {cfg["epsilon"]}, 1-99% kept' if name.startswith('ppl') else '')
-    elif name in ('edit', 'project'):
-        if dataset != 'shapes':
-            raise SystemExit(f'error: the {name} score needs the shapes data set (its factors are known); this '
-                             f'checkpoint was trained on {dataset}')
-        if name == 'edit':
-            try:
-                value = edit_score(net, cfg['mix_count'], cfg['batch'], cfg['strengths'], cfg['edit_blocks'])
-            except ValueError as e:
-                raise SystemExit(f'error: {e}')
-            name, protocol = f'edit{_count_name(value["images"])}', (f'direction: train triangles minus circles, on '
-                                                                    f'{cfg["edit_blocks"]}; held-out circles')
-            for s_, row in value.items():
-                if isinstance(row, dict):
-                    print(f'strength {s_:>4s}: triangle {row["triangle"]:.2f} circle {row["circle"]:.2f} | position moved {row["moved_xy"]:.3f} | '
-                          f'colour {row["moved_colour"]:.3f} | background {row["moved_background"]:.3f}')
-        else:
-            import sample
-            lp = sample.lpips_for_projection(dict(lpips=cfg['project_lpips'], vgg_backbone=cfg['vgg_backbone'],
-                                                  lpips_vgg=cfg['lpips_vgg']), '--project_lpips')
-            value = projection_curve(net, cfg['project_count'], cfg['project_steps'], lp.to(dev) if lp else None,
-                                     cfg['project_lpips'], cfg['project_lr'])
-            name = f'project{_count_name(cfg["project_count"])}'
-            protocol = f'held-out images, Adam lr {cfg["project_lr"]}, MSE + {cfg["project_lpips"]} LPIPS (VGG)'
-            for step, row in value.items():
-                print(f'step {step:>4s}: pixel L1 {row["pixel_l1"]:.4f} | shape {row["shape"]:.2f} | '
-                      f'{row["seconds_per_image"] * 1000:.1f} ms per image')
-    elif name in ('mix', 'invariance'):
-        if dataset != 'shapes':
-            raise SystemExit(f'error: the {name} score needs the shapes data set (its factors are known); this '
-                             f'checkpoint was trained on {dataset}')
-        if name == 'invariance':
-            value = invariance_score(net, cfg['mix_count'], cfg['batch'])
-            name, protocol = (f'invariance{_count_name(cfg["mix_count"])}', "blocks 0-1 from the mirrored image's "
-                              'latent: share with x mirrored and each other factor kept; recon: plain reconstructions')
-            for row, scores in value.items():
-                print(f'{row:6s} ' + ' '.join(f'{k} {v:.2f}' for k, v in scores.items()))
-        else:
-            value = mixing(net, cfg['mix_count'], cfg['batch'])
-            name, protocol = f'mix{_count_name(cfg["mix_count"])}', "B's latents on the group's blocks, A's elsewhere; share of each factor matching A / B"
-            rec = value['reconstruction']
-            classes = ' '.join(f'{k} {v:.2f}' for k, v in rec['shape_by_class'].items())
-            print(f'reconstruction: pixel L1 {rec["l1"]:.4f} | read back: '
-                  + ' '.join(f'{k} {rec[k]:.2f}' for k in LAYOUT + APPEARANCE) + f' | shape per class: {classes}')
-            for group, scores in value.items():
-                if group == 'reconstruction':
-                    continue
-                print(f'{group:13s} strict, follows B: ' + ' '.join(f'{k} {scores[k]["b"]:.2f}' for k in LAYOUT + APPEARANCE)
-                      + ' | nearer B: ' + ' '.join(f'{k} {scores[k]["b_nearer"]:.2f}' for k in CONTINUOUS
-                                                   if 'b_nearer' in scores[k]))
-    else:
-        raise SystemExit(f"error: unknown --metric={name!r}; use fid (fid50k, fid5k, ...), fid_rec, lpips_rec, ppl, pr, mix or invariance")
+    try:
+        name, value, protocol = METRICS[which](net, cfg, saved, dev)
+    except ValueError as e:                                    # e.g. a block range this checkpoint lacks
+        raise SystemExit(f'error: {e}')
     record = dict(metric=name, value=value, kimg=net.kimg, res=net.res, ckpt=os.path.abspath(net.path),
                   protocol=protocol, seconds=round(time.time() - t0, 1))
     # beside this repo's checkpoints; the authors' files often sit in a shared cache, so out_dir

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torchvision.utils import save_image
 
 import data
+import losses
 import model
 from configurator import ANY, Rule, above, at_least, check, configure, integer, matches, one_of
 
@@ -41,7 +42,7 @@ out_dir = 'out'             # where ckpt.pt is read and the grid is written
 ckpt = ''                   # checkpoint file ('' = out_dir/ckpt.pt), an authors' *_state.pth, or ffhq256 etc.
 inputs = ''                 # real images: a folder or comma-separated files ('' = the data set's test split)
 inputs_b = ''               # mix: the top row's sources ('' = the images after the first n of inputs)
-n = 6                       # sources per row / column, inputs in recon and cond, samples in random
+n = 6                       # sources per row / column; the first n inputs in recon, cond, edit, project; samples in random
 draws = 6                   # cond: random draws per input
 steps = 0                   # interp: grid size (0 = 7); project: optimisation steps (0 = 100)
 seed = 0                    # random latents
@@ -102,16 +103,15 @@ def read_images(spec, res, crop=None):
             warnings.warn(f'skipping {p}: {type(e).__name__}: {e}')
     if not images:
         raise SystemExit(f'error: none of the inputs could be read ({spec!r})')
-    return torch.stack(images).float() / 127.5 - 1, names
+    return data.to_float(torch.stack(images)), names
 
 
 def test_images(config, res, count):
-    """The first `count` images of the held-out split of the checkpoint's data set."""
-    name = config.get('dataset', 'shapes')
-    split = 'test' if name != 'folder' or config.get('test_fraction', 0) > 0 else 'train'
-    source = data.make_source(name, config.get('data_root', ''), split, config.get('max_res', res), config.get('seed', 0),
-                              config.get('test_fraction', 0.0), config.get('cache_dir', ''), 0, lambda *a: None)
-    return source.load_batch(list(range(min(count, len(source)))), res).float() / 127.5 - 1
+    """The first `count` images of the held-out split of the checkpoint's data set (a folder run
+    without one: its train split)."""
+    split = 'test' if config.get('dataset', 'shapes') != 'folder' or config.get('test_fraction', 0) > 0 else 'train'
+    source = data.open_split({'max_res': res, **config, 'num_workers': 0}, split)
+    return data.to_float(source.load_batch(list(range(min(count, len(source)))), res))
 
 
 # --------------------------------------------------------------------------------------------
@@ -268,13 +268,12 @@ def project(net, x, steps, lpips=None, lpips_weight=1.0, pixel_weight=1.0, lr=0.
 
 
 def lpips_for_projection(cfg, weight_flag='--lpips'):
-    """metrics.LPIPS (VGG) from local files or the official URLs, or None with weight 0."""
+    """losses.LPIPS (VGG) from local files or the official URLs, or None with weight 0."""
     if cfg['lpips'] == 0:
         return None
-    import metrics
     try:
-        return metrics.LPIPS('vgg', cfg['vgg_backbone'], cfg['lpips_vgg'])
-    except (FileNotFoundError, metrics.MissingWeights) as e:
+        return losses.LPIPS('vgg', cfg['vgg_backbone'], cfg['lpips_vgg'])
+    except (FileNotFoundError, losses.MissingWeights) as e:
         raise SystemExit(f'error: projection with LPIPS needs its VGG weights, which could not be loaded '
                          f'({str(e).splitlines()[0][:300]}); pass --vgg_backbone=PATH and --lpips_vgg=PATH, '
                          f'or {weight_flag}=0 for the pixel term alone') from None
@@ -357,102 +356,150 @@ def load_direction(path, net):
 
 
 # --------------------------------------------------------------------------------------------
+# The modes: each makes the rows of one grid (and a word for its file name) from the inputs x
 
-def main(cfg):
-    check(cfg, RULES)
-    path = cfg['ckpt'] or os.path.join(cfg['out_dir'], 'ckpt.pt')
-    try:
-        dev = model.resolve_device(cfg['device'])
-        net = model.load_checkpoint(path, ema=cfg['ema'], device=dev)
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f'error: {e}')
-    saved, res, k, noise_on = net.config, net.res, cfg['n'], cfg['noise']
-    want = {'mix': 2 * k, 'recon': k, 'cond': k, 'interp': 4, 'invariance': 2 * k}.get(cfg['mode'], 0)
-    if cfg['mode'] == 'invariance' and used_blocks(net) <= model.INVARIANCE_K:
-        raise SystemExit(f'error: --mode=invariance swaps blocks 0-{model.INVARIANCE_K - 1} and needs blocks after '
-                         f'them: a checkpoint at 16x16 or more; {path} is at {res}x{res}')
-    latents_path = cfg['latents'] or os.path.join(cfg['out_dir'], 'latents.pt')
-    if cfg['mode'] == 'encode':
-        if not cfg['inputs']:
-            raise SystemExit('error: --mode=encode needs --inputs=FOLDER (or comma-separated files)')
-        found = encode_all(net, cfg['inputs'], net.input_crop)
-        save_latents(found, latents_path)
-        print(f'wrote {latents_path} ({len(found)} latents of size {net.cfg.nz}; {res}x{res} checkpoint at {path})')
-        return latents_path
-    if cfg['mode'] == 'direction':
-        return write_direction(net, cfg)
-    names = None
-    want = want or (k if cfg['mode'] in ('edit', 'project') else 0)
-    if want and not cfg['inputs'] and (net.input_crop or saved.get('dataset', 'shapes') != 'shapes' and not saved.get('data_root')):
+def mix_rows(net, cfg, x, names):
+    """Fig. 4a: A (the first n inputs) on the left, B (the next n, or --inputs_b) on top."""
+    spec, k = (cfg['mix'], cfg['n']) if cfg['mode'] == 'mix' else (f'0:{model.INVARIANCE_K}', cfg['n'])
+    blocks = blocks_of(net, spec)
+    if cfg['inputs_b']:
+        a, b = x[:k], read_images(cfg['inputs_b'], net.res, net.input_crop)[0][:k].to(x.device)
+    elif len(x) > k:
+        a, b = x[:k], x[k:2 * k]
+    else:
+        print(f'note: {len(x)} input images, too few for {k} A and {k} B sources: the grid mixes them with each '
+              f'other (give more images, or --n={max(1, len(x) // 2)})')
+        a, b = x, x
+    if cfg['mode'] == 'invariance' and not net.config.get('invariance'):
+        print('note: this checkpoint was trained without the invariance loss: the grid shows the '
+              "'regular' model of Fig. 5 (pose from the top row on blocks 0-1)")
+    return mix_grid(net, a, b, blocks, cfg['noise']), spec.replace(':', '-')
+
+
+def decode_rows(net, cfg, x, names):
+    """Draw back the latents of --latents, 8 to a row."""
+    path = cfg['latents'] or os.path.join(cfg['out_dir'], 'latents.pt')
+    names, z = load_latents(path, net)
+    with torch.no_grad():
+        images = torch.cat([net.decode(z[i:i + 32].to(net.const_device()), noise=cfg['noise'])
+                            for i in range(0, len(z), 32)])
+    cols = min(8, len(images))
+    rows = [images[i:i + cols] for i in range(0, len(images), cols)]
+    return rows, os.path.splitext(os.path.basename(path))[0], names     # --singles names tiles by latent
+
+
+def edit_rows(net, cfg, x, names):
+    """Each input moved along --direction by each --strength on the --mix blocks."""
+    rows = edit_grid(net, x, load_direction(cfg['direction'], net), cfg['strength'], blocks_of(net, cfg['mix']),
+                     cfg['noise'])
+    strengths = '_'.join(f'{v:g}' for v in cfg['strength'])
+    return rows, f'{os.path.splitext(os.path.basename(cfg["direction"]))[0]}_{cfg["mix"].replace(":", "-")}_s{strengths}'
+
+
+def project_rows(net, cfg, x, names):
+    """Inputs, their encoder reconstructions, then the per-block latents refined by optimisation."""
+    lpips = lpips_for_projection(cfg)
+    refined, history = project(net, x, cfg['steps'] or 100, lpips.to(x.device) if lpips else None, cfg['lpips'],
+                               cfg['pixel'], cfg['project_lr'])
+    for step, seconds, loss, l1 in history:
+        print(f'step {step:5d} | {seconds:7.2f} s | loss {loss:.4f} | pixel L1 {l1:.4f}')
+    path = cfg['latents'] or os.path.join(cfg['out_dir'], 'latents.pt')
+    save_latents(dict(zip(names, refined)), path)
+    print(f'wrote {path} ({len(x)} per-block latents)')
+    with torch.no_grad():
+        rows = [x, net.reconstruct(x, noise=False), net.decode(refined, noise=False)]
+    return rows, f'{history[-1][0]}steps'
+
+
+def interp_rows(net, cfg, x, names):
+    """Fig. 12: the first 4 inputs at the corners of a --steps x --steps grid."""
+    if len(x) < 4:
+        raise SystemExit(f'error: interp needs 4 input images, got {len(x)}')
+    size = cfg['steps'] or 7
+    if size < 2:
+        raise SystemExit(f'error: interp needs --steps of 2 or more, got {size}')
+    return interp_grid(net, x[:4], size, cfg['noise']), f'{size}x{size}'
+
+
+# mode -> (inputs it reads, given n; the function that makes its rows, a word for the file name and,
+# optionally, names for the --singles tiles)
+GRIDS = {
+    'mix': (lambda n: 2 * n, mix_rows),
+    'invariance': (lambda n: 2 * n, mix_rows),
+    'recon': (lambda n: n, lambda net, cfg, x, names: (recon_grid(net, x, cfg['noise']), f'{len(x)}')),
+    'cond': (lambda n: n, lambda net, cfg, x, names: (
+        cond_grid(net, x, blocks_of(net, cfg['cond']), cfg['draws'], cfg['seed'], cfg['noise']),
+        cfg['cond'].replace(':', '-'))),
+    'interp': (lambda n: 4, interp_rows),
+    'edit': (lambda n: n, edit_rows),
+    'project': (lambda n: n, project_rows),
+    'random': (lambda n: 0, lambda net, cfg, x, names: (random_grid(net, cfg['n'], cfg['seed'], cfg['noise']),
+                                                        f'seed{cfg["seed"]}')),
+    'decode': (lambda n: 0, decode_rows),
+}
+
+
+def write_latents_file(net, cfg, path):
+    """--mode=encode: {file name: latent} of every image of --inputs."""
+    if not cfg['inputs']:
+        raise SystemExit('error: --mode=encode needs --inputs=FOLDER (or comma-separated files)')
+    found = encode_all(net, cfg['inputs'], net.input_crop)
+    target = cfg['latents'] or os.path.join(cfg['out_dir'], 'latents.pt')
+    save_latents(found, target)
+    print(f'wrote {target} ({len(found)} latents of size {net.cfg.nz}; {net.res}x{net.res} checkpoint at {path})')
+    return target
+
+
+def grid_inputs(net, cfg, path, count):
+    """The first `count` images of --inputs, or of the checkpoint's held-out split; with their names."""
+    if not cfg['inputs'] and (net.input_crop or net.config.get('dataset', 'shapes') != 'shapes'
+                              and not net.config.get('data_root')):
         raise SystemExit(f'error: {path} records no images to use; pass --inputs=FOLDER (or comma-separated files)')
-    if want:
-        if cfg['inputs']:
-            x, paths = read_images(cfg['inputs'], res, net.input_crop)
-            inputs = [latent_name(p, cfg['inputs']) for p in paths]
-        else:
-            x = test_images(saved, res, want)
-            inputs = [f'test_{i:05d}' for i in range(len(x))]
-        x = x.to(dev)
-    try:
-        if cfg['mode'] in ('mix', 'invariance'):
-            spec = cfg['mix'] if cfg['mode'] == 'mix' else f'0:{model.INVARIANCE_K}'
-            blocks = blocks_of(net, spec)
-            if cfg['inputs_b']:
-                a, b = x[:k], read_images(cfg['inputs_b'], res, net.input_crop)[0][:k].to(dev)
-            else:
-                a, b = (x[:k], x[k:2 * k]) if len(x) > k else (x, x)
-            rows = mix_grid(net, a, b, blocks, noise_on)
-            detail = f'{spec.replace(":", "-")}'
-            if cfg['mode'] == 'invariance' and not saved.get('invariance'):
-                print('note: this checkpoint was trained without the invariance loss: the grid shows the '
-                      "'regular' model of Fig. 5 (pose from the top row on blocks 0-1)")
-        elif cfg['mode'] == 'decode':
-            names, z = load_latents(latents_path, net)
-            with torch.no_grad():
-                images = torch.cat([net.decode(z[i:i + 32].to(dev), noise=noise_on) for i in range(0, len(z), 32)])
-            cols = min(8, len(images))
-            rows, detail = [images[i:i + cols] for i in range(0, len(images), cols)], os.path.splitext(
-                os.path.basename(latents_path))[0]
-        elif cfg['mode'] == 'edit':
-            rows = edit_grid(net, x, load_direction(cfg['direction'], net), cfg['strength'], blocks_of(net, cfg['mix']),
-                             noise_on)
-            detail = f'{os.path.splitext(os.path.basename(cfg["direction"]))[0]}_{cfg["mix"].replace(":", "-")}'
-        elif cfg['mode'] == 'project':
-            lpips = lpips_for_projection(cfg)
-            refined, history = project(net, x, cfg['steps'] or 100, lpips.to(dev) if lpips else None, cfg['lpips'],
-                                       cfg['pixel'], cfg['project_lr'])
-            for step, seconds, loss, l1 in history:
-                print(f'step {step:5d} | {seconds:7.2f} s | loss {loss:.4f} | pixel L1 {l1:.4f}')
-            save_latents(dict(zip(inputs, refined)), latents_path)
-            print(f'wrote {latents_path} ({len(x)} per-block latents)')
-            with torch.no_grad():
-                rows = [x, net.reconstruct(x, noise=False), net.decode(refined, noise=False)]
-            detail = f'{history[-1][0]}steps'
-        elif cfg['mode'] == 'recon':
-            rows, detail = recon_grid(net, x, noise_on), f'{len(x)}'
-        elif cfg['mode'] == 'random':
-            rows, detail = random_grid(net, k, cfg['seed'], noise_on), f'seed{cfg["seed"]}'
-        elif cfg['mode'] == 'cond':
-            rows = cond_grid(net, x, blocks_of(net, cfg['cond']), cfg['draws'], cfg['seed'], noise_on)
-            detail = cfg['cond'].replace(':', '-')
-        else:
-            if len(x) < 4:
-                raise SystemExit(f'error: interp needs 4 input images, got {len(x)}')
-            size = cfg['steps'] or 7
-            if size < 2:
-                raise SystemExit(f'error: interp needs --steps of 2 or more, got {size}')
-            rows, detail = interp_grid(net, x[:4], size, noise_on), f'{size}x{size}'
-    except ValueError as e:                                   # a block range this checkpoint does not have
-        raise SystemExit(f'error: {e}')
-    target = cfg['out'] or os.path.join(cfg['out_dir'], f"{cfg['mode']}_{detail}.png")
+    if cfg['inputs']:
+        x, paths = read_images(cfg['inputs'], net.res, net.input_crop)
+        names = [latent_name(p, cfg['inputs']) for p in paths]
+    else:
+        x = test_images(net.config, net.res, count)
+        names = [f'test_{i:05d}' for i in range(len(x))]
+    return x[:count].to(net.const_device()), names[:count]
+
+
+def write_grid_files(rows, names, cfg, target, res):
+    """The grid PNG, and with --singles every tile as its own PNG under out_dir/<mode>/ (named by
+    `names`, else numbered)."""
     save_grid(rows, target, res, cfg['zoom'])
     if cfg['singles']:
         folder = os.path.join(cfg['out_dir'], cfg['mode'])
         os.makedirs(folder, exist_ok=True)
         for i, img in enumerate(torch.cat(rows)):
-            file = os.path.splitext(names[i])[0].replace(os.sep, '_') if names else f'{i:04d}'
+            file = os.path.splitext(names[i])[0].replace(os.sep, '_') if i < len(names) else f'{i:04d}'
             save_image(img.clamp(-1, 1).add(1).div(2), os.path.join(folder, f'{file}.png'))
-    print(f'wrote {target} ({cfg["mode"]}, {res}x{res} checkpoint at {path})')
+
+
+def main(cfg):
+    """Load the checkpoint, run the mode, write its file; returns the file's path."""
+    check(cfg, RULES)
+    path = cfg['ckpt'] or os.path.join(cfg['out_dir'], 'ckpt.pt')
+    try:
+        net = model.load_checkpoint(path, ema=cfg['ema'], device=model.resolve_device(cfg['device']))
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f'error: {e}')
+    if cfg['mode'] == 'encode':
+        return write_latents_file(net, cfg, path)
+    if cfg['mode'] == 'direction':
+        return write_direction(net, cfg)
+    if cfg['mode'] == 'invariance' and used_blocks(net) <= model.INVARIANCE_K:
+        raise SystemExit(f'error: --mode=invariance swaps blocks 0-{model.INVARIANCE_K - 1} and needs blocks after '
+                         f'them: a checkpoint at 16x16 or more; {path} is at {net.res}x{net.res}')
+    count, make_rows = GRIDS[cfg['mode']]
+    x, names = grid_inputs(net, cfg, path, count(cfg['n'])) if count(cfg['n']) else (None, [])
+    try:
+        rows, detail, *tiles = make_rows(net, cfg, x, names)
+    except ValueError as e:                                   # a block range this checkpoint does not have
+        raise SystemExit(f'error: {e}')
+    target = cfg['out'] or os.path.join(cfg['out_dir'], f"{cfg['mode']}_{detail}.png")
+    write_grid_files(rows, tiles[0] if tiles else [], cfg, target, net.res)
+    print(f'wrote {target} ({cfg["mode"]}, {net.res}x{net.res} checkpoint at {path})')
     return target
 
 

@@ -36,55 +36,56 @@ from configurator import (ANY, Rule, above, at_least, between, check, configure,
                           power_of_two)
 
 # --------------------------------------------------------------------------------------------
+# The values of `python train.py`: the embedded `shapes` data set, sized for a CPU. The real-data
+# presets start from PAPER below instead. Where a value departs from the paper, its comment says so.
 _before = set(globals())
 # data
-dataset = 'shapes'          # shapes | folder | ffhq | celebahq | lsun_bedroom | lsun_cars; picks a preset
+dataset = 'shapes'          # shapes (these values) | folder | ffhq | celebahq | lsun_bedroom | lsun_cars (PAPER + PRESETS)
 data_root = ''              # images folder or LSUN lmdb (not needed for shapes)
 cache_dir = ''              # where folder caches go ('' = data_root/.automodulator_cache)
 test_fraction = 0.0         # held-out share of a plain folder (sample.py and metrics use it)
-num_workers = min(4, os.cpu_count() or 1)  # DataLoader worker processes (folders, LSUN)
-# model (paper defaults; --authors=True switches to the authors' code everywhere it differs)
-max_res = 256               # last resolution, a power of two
+num_workers = 0             # DataLoader worker processes (shapes renders a batch at once in this process)
+# model (--authors=True switches to the authors' code everywhere it differs)
+max_res = 32                # last resolution, a power of two (--max_res=64 adds a 64x64 phase: fine stripes, data.py)
 arch = 'large'              # decoder widths: large (FFHQ, LSUN) or small (CelebA-HQ)
-width = 1.0                 # channel multiplier
-nz = 512                    # latent size
-noise = 'channel'           # layer noise: channel | shared | none
-authors = False             # the authors' architecture and loss choices (README tables)
+width = 1 / 16              # channel multiplier (paper 1: 1/16 trains on a CPU)
+nz = 128                    # latent size (paper 512: the scenes have a handful of factors)
+noise = 'none'              # layer noise: channel | shared | none (paper channel: the scenes have no stochastic detail)
+authors = True              # the authors' architecture and loss choices (their plain conv stacks reconstructed better here)
 extra_kl = False            # authors: add KL(E(x)) to L_phi outside the margin clamp (on with authors=True)
 upper_clamp = False         # authors: clamp KL_real - KL_fake also from above at M/2 (on with authors=True)
 invariance = ''             # 'flip': Sec. 3.3/4.3, flip pairs drive pose through blocks 0-1 alone (extra 8x8 block, no noise)
 # schedule, per resolution; kimg = thousands of images seen
-phase_kimg = {4: 2400, 8: 2400, 16: 2400, 32: 2400, 64: 10400, 128: 10600, 256: 16000, 512: 16000}
+phase_kimg = {4: 12, 8: 30, 16: 48, 32: 40, 64: 30}  # kimg per phase (paper: 2,400 and up)
 fade = 0.5                  # share of each phase over which the new level fades in
 total_kimg = 0.0            # stop here (0 = at the end of the max_res phase; beyond it, max_res runs on)
-batch_size = {4: 128, 8: 128, 16: 128, 32: 64, 64: 32, 128: 32, 256: 16, 512: 4}  # per process (one number: all)
-lr = {4: 0.0005, 8: 0.0005, 16: 0.0005, 32: 0.0005, 64: 0.001, 128: 0.001, 256: 0.001, 512: 0.001}
-margin = {4: 2.0, 8: 2.0, 16: 0.5, 32: 0.5, 64: 0.5, 128: 0.5, 256: 0.5, 512: 0.5}  # KL margin M_gap
-# loss weights, paper units (KL weight 1)
+batch_size = {4: 32, 8: 32, 16: 32, 32: 16, 64: 32}  # per process (one number: all); 16 at 32x32: steps count more than images
+lr = {4: 0.001, 8: 0.001, 16: 0.001, 32: 0.0003, 64: 0.0003}  # paper 0.0005 to 32x32, then 0.001
+margin = {4: 0.5, 8: 0.5, 16: 0.5, 32: 0.5, 64: 0.5}  # KL margin M_gap (paper 2.0 at 4-8 px)
+# loss weights, paper units (KL weight 1); every lambda_* reaches the loss functions by its name
 lambda_x_fade = 2.0         # image reconstruction weight in the first (fade) half of a phase
 lambda_x_stable = 3.0       # ... and in the second half
 lambda_z = 2.0              # latent cosine reconstruction
-lambda_j = 10.0             # layer-specific loss L_j
-lambda_x_dec = 0.0          # not in the paper: the decoder also reconstructs real images (on in the shapes preset)
+lambda_j = 0.0              # layer-specific loss L_j (paper: on; 10 in its units, Eq. 6; it cost shape read here)
+lambda_x_dec = 10.0         # not in the paper: the decoder also reconstructs real images (pictures within minutes)
 recon = 'robust'            # the pixel distance d of Eq. 6: robust (Barron's, the paper) | l1 | l2 (Table 1's ablation)
 recon_dec = ''              # d of the decoder's lambda_x_dec term ('' = as recon; robust with recon=l1: Table 1's ablation alone)
 beta1 = 0.0                 # Adam's first-moment decay, encoder (paper A.1: 0; 0.9 destabilized the KL game on shapes)
-beta1_dec = 0.0             # ... and decoder (paper A.1: 0)
+beta1_dec = 0.9             # ... and decoder (paper A.1: 0, which settles slower here)
 mix_ratio = 0.25            # share of style-mixed samples among the fakes (paper 1/4; authors' D step 1/2)
-ema_decay = 0.999           # EMA of decoder weights per step (ramped up from 0.1 over the first steps)
+ema_decay = 0.9             # EMA of decoder weights per step, ramped up from 0.1 (paper 0.999: too slow to follow here)
 # system
 device = 'auto'             # auto (cuda if available) | cpu | cuda | cuda:N
-dtype = 'float32'           # float32 | bfloat16 | float16 (autocast; float16 adds a GradScaler) | auto (bfloat16
-                            # where the GPU or CPU has it in hardware: AMX, AVX-512 BF16, CUDA 8.0+; else float32)
+dtype = 'float32'           # float32 | bfloat16 | float16 (+ GradScaler) | auto (bfloat16 where native, else float32)
 compile = False             # torch.compile each network block
 channels_last = False       # NHWC memory format for the convolutions (faster with bf16 / on tensor cores)
 seed = 0                    # model init, data order, latent draws
 out_dir = 'out'             # ckpt.pt, snapshot_*.pt, config.json, log.jsonl, grid_*.png
 init_from = 'scratch'       # scratch (refuses an out_dir that holds a run) | resume (out_dir/ckpt.pt) | a checkpoint to fine-tune
-log_every = 10.0            # kimg between progress lines
-sample_every = 100.0        # kimg between sample grids
-ckpt_every = 100.0          # kimg between writes of ckpt.pt, the file that resumes
-snapshot_every = 2000.0     # kimg between numbered EMA snapshots snapshot_*.pt (also one at each phase end; 0 = those only)
+log_every = 5.0             # kimg between progress lines
+sample_every = 40.0         # kimg between sample grids
+ckpt_every = 20.0           # kimg between writes of ckpt.pt, the file that resumes
+snapshot_every = 0.0        # kimg between numbered EMA snapshots snapshot_*.pt (also one at each phase end; 0 = those only)
 dry_run = False             # print the resolved config and the phase table, then exit
 wandb_log = False           # also log to Weights & Biases (imported only when on)
 wandb_project = 'automodulator'  # W&B project
@@ -92,36 +93,29 @@ CONFIG_KEYS = sorted(set(globals()) - _before - {'_before'})
 DEFAULTS = {k: globals()[k] for k in CONFIG_KEYS}
 PER_RESOLUTION = ('phase_kimg', 'batch_size', 'lr', 'margin')
 
-# Per data set presets (paper A.1; the authors' schedule, pioneer/training_scheduler.py). They replace
-# the defaults above unless the same key is given on the command line.
-_PAPER = {4: 2400, 8: 2400, 16: 2400, 32: 2400, 64: 10400}
+# Appendix A.1 of the paper (the authors' schedule: pioneer/training_scheduler.py), the start of every
+# real-data preset: what it sets replaces the values above. lambda_j = 10: Eq. 6 writes L_j with weight
+# 1, but the authors' code weighs every KL by 0.1 and L_j by 1 (pioneer/train.py), 10 in the paper's units.
+_TO_64 = {4: 2400, 8: 2400, 16: 2400, 32: 2400, 64: 10400}    # 2.4M images a phase, 10.4M at 64x64
+PAPER = dict(
+    num_workers=min(4, os.cpu_count() or 1), max_res=256, width=1.0, nz=512, noise='channel', authors=False,
+    phase_kimg={**_TO_64, 128: 10600, 256: 16000, 512: 16000},
+    batch_size={4: 128, 8: 128, 16: 128, 32: 64, 64: 32, 128: 32, 256: 16, 512: 4},
+    lr={4: 0.0005, 8: 0.0005, 16: 0.0005, 32: 0.0005, 64: 0.001, 128: 0.001, 256: 0.001, 512: 0.001},
+    margin={4: 2.0, 8: 2.0, 16: 0.5, 32: 0.5, 64: 0.5, 128: 0.5, 256: 0.5, 512: 0.5},
+    lambda_j=10.0, lambda_x_dec=0.0, beta1_dec=0.0, ema_decay=0.999,
+    log_every=10.0, sample_every=100.0, ckpt_every=100.0, snapshot_every=2000.0)
+# Each data set's differences from PAPER (A.1: the 128x128 phase is 7.5M images but for FFHQ; CelebA-HQ
+# and LSUN Bedrooms have their own margins; the small widths are the authors' CelebA-HQ model).
 PRESETS = {
-    # shapes: CPU-sized, 20 minutes on 2 AVX2 EPYC cores (README). Choices that differ from the
-    # paper, each measured on short runs (RESULTS.md): a 128-d latent (a handful of factors; 32-d codes
-    # held the shape class less linearly and drew more squares as circles); margin 0.5 from the start;
-    # the authors' code (--authors: their plain conv stacks, extra KL(E(x)) term and upper clamp; with
-    # Eq. 6 alone the clamped margin stops spreading the real encodings, and their plain stacks
-    # reconstructed better than residual blocks in this budget); the decoder also learns the real
-    # images (lambda_x_dec; without it the pictures stay noise-covered in this budget) with Adam beta1
-    # 0.9 (A.1's 0 settles slower); no layer noise (the scenes have no stochastic detail, and drawing
-    # it cost 10% of a step); the 32x32 phase at lr 0.0003 (at 0.001 the encoder's steps overshoot)
-    # and batch 16 (here steps count more than images: 40 kimg at 16 match 60 at 32); EMA 0.9 (the
-    # encoder learns against the live decoder, which a slower average lags: EMA 0.99 reconstructed worse);
-    # no L_j (lambda_j=0; Eq. 5-6 have it): on every one of three seeds it cost shape read and the shape's
-    # move with the coarse blocks, 3-4 points each (README's Table 1); mixed fakes stay in the KL game.
-    # --max_res=64 adds a 30-kimg 64x64 phase, where the stripes become a fine-scale factor (data.py).
-    'shapes': dict(max_res=32, width=1 / 16, nz=128, authors=True, ema_decay=0.9, lambda_x_dec=10.0, lambda_j=0.0, noise='none',
-                   phase_kimg={4: 12, 8: 30, 16: 48, 32: 40, 64: 30}, fade=0.5, beta1_dec=0.9,
-                   batch_size={4: 32, 8: 32, 16: 32, 32: 16, 64: 32}, lr={4: 0.001, 8: 0.001, 16: 0.001, 32: 0.0003, 64: 0.0003},
-                   margin={r: 0.5 for r in (4, 8, 16, 32, 64)}, num_workers=0,
-                   log_every=5.0, sample_every=40.0, ckpt_every=20.0, snapshot_every=0.0),
-    'celebahq': dict(arch='small', max_res=256, phase_kimg={**_PAPER, 128: 7500, 256: 16000},
-                     margin={4: 2.0, 8: 2.0, 16: 0.5, 32: 0.5, 64: 0.5, 128: 0.2, 256: 0.4}),
-    'ffhq': dict(arch='large', max_res=256, phase_kimg={**_PAPER, 128: 10600, 256: 16000, 512: 16000}),
-    'lsun_bedroom': dict(arch='large', max_res=256, phase_kimg={**_PAPER, 128: 7500, 256: 16000},
-                         margin={4: 2.0, 8: 2.0, 16: 0.5, 32: 0.5, 64: 0.5, 128: 0.2, 256: 0.2}),
-    'lsun_cars': dict(arch='large', max_res=256, phase_kimg={**_PAPER, 128: 7500, 256: 16000}),
-    'folder': dict(),
+    'shapes': {},
+    'celebahq': {**PAPER, 'arch': 'small', 'phase_kimg': {**_TO_64, 128: 7500, 256: 16000},
+                 'margin': {4: 2.0, 8: 2.0, 16: 0.5, 32: 0.5, 64: 0.5, 128: 0.2, 256: 0.4}},
+    'ffhq': PAPER,
+    'lsun_bedroom': {**PAPER, 'phase_kimg': {**_TO_64, 128: 7500, 256: 16000},
+                     'margin': {4: 2.0, 8: 2.0, 16: 0.5, 32: 0.5, 64: 0.5, 128: 0.2, 256: 0.2}},
+    'lsun_cars': {**PAPER, 'phase_kimg': {**_TO_64, 128: 7500, 256: 16000}},
+    'folder': PAPER,
 }
 
 # What each setting may be; `settings` checks all of them before anything runs.
@@ -134,8 +128,7 @@ RULES = dict(
     phase_kimg=per_resolution(above(0)), fade=between(0, 1), total_kimg=at_least(0),
     batch_size=per_resolution(integer(1)), lr=per_resolution(above(0)),
     margin=per_resolution(Rule('a number >= 0, or None for no clamp', lambda m: m is None or at_least(0).ok(m))),
-    lambda_x_fade=at_least(0), lambda_x_stable=at_least(0), lambda_z=at_least(0), lambda_j=at_least(0),
-    lambda_x_dec=at_least(0), recon=one_of('robust', 'l1', 'l2'), recon_dec=one_of('', 'robust', 'l1', 'l2'),
+    recon=one_of('robust', 'l1', 'l2'), recon_dec=one_of('', 'robust', 'l1', 'l2'),
     beta1=between(0, 1, open_hi=True), beta1_dec=between(0, 1, open_hi=True),
     mix_ratio=between(0, 1), ema_decay=between(0, 1),
     device=ANY, dtype=one_of('auto', *model.DTYPES), compile=ANY, channels_last=ANY, seed=integer(0),
@@ -143,6 +136,7 @@ RULES = dict(
                                 lambda v: isinstance(v, str) and v != ''),
     log_every=above(0), sample_every=at_least(0), ckpt_every=at_least(0), snapshot_every=at_least(0),
     dry_run=ANY, wandb_log=ANY, wandb_project=ANY,
+    **{k: at_least(0) for k in CONFIG_KEYS if k.startswith('lambda_')},    # loss weights
 )
 # What a resumed run may not change: the checkpoint would mean something else.
 FIXED_ON_RESUME = ('dataset', 'test_fraction', 'max_res', 'arch', 'width', 'nz', 'noise', 'authors',
@@ -225,9 +219,9 @@ def resumed_settings(ck, given, say=print):
     """The checkpoint's settings with `given` on top: each change printed, a change of what the
     checkpoint is (FIXED_ON_RESUME) or of where it stands in the schedule refused."""
     saved = {k: v for k, v in ck['config'].items() if k in CONFIG_KEYS}
-    saved = {**DEFAULTS, **PRESETS[saved['dataset']], **saved}     # settings newer than the file: defaults
+    saved = {**preset(saved['dataset']), **saved}     # settings newer than the file: the preset's
     cfg, changes = dict(saved), []
-    for key, new in given.items():
+    for key, new in expand(given, saved).items():
         old = cfg[key]
         if key in ('init_from', 'out_dir', 'dry_run') or new == old:
             continue
@@ -277,14 +271,23 @@ def fine_tune_settings(net, given):
     if given.get('max_res', source['max_res']) < source['max_res']:
         _fail(f'--max_res={given["max_res"]} is below the {source["max_res"]}x{source["max_res"]} of {name}; a '
               f'fine-tune starts at its checkpoint\'s resolution (give --max_res={source["max_res"]} or more)')
-    dataset = given.get('dataset', DEFAULTS['dataset'])
-    return {**DEFAULTS, **PRESETS[dataset], **source, **given}
+    base = {**preset(given.get('dataset', DEFAULTS['dataset'])), **source}
+    return {**base, **expand(given, base)}
 
 
-def settings(given, say=print):
-    """The whole configuration of a run from what the command line (or a caller) gave."""
-    given = {k: ({r: v for r in DEFAULTS[k]} if k in PER_RESOLUTION and not isinstance(v, dict) else v)
-             for k, v in given.items()}
+def preset(dataset):
+    """What a new run on `dataset` starts from: the globals, and for real data PAPER with its differences."""
+    return {**DEFAULTS, **PRESETS[dataset]}
+
+
+def expand(given, base):
+    """One number for a per-resolution setting: that number at every resolution of base's table."""
+    return {k: ({r: v for r in base[k]} if k in PER_RESOLUTION and not isinstance(v, dict) else v)
+            for k, v in given.items()}
+
+
+def resolve(given, say=print):
+    """The layers of a run's settings: the preset, on resume the checkpoint's own, then `given`."""
     unknown = sorted(set(given) - set(CONFIG_KEYS))
     if unknown:
         _fail(f'unknown setting {unknown[0]!r} (see python train.py --help)')
@@ -293,10 +296,16 @@ def settings(given, say=print):
     if start['init_from'] == 'resume':
         cfg = resumed_settings(read_checkpoint(start['out_dir']), given, say)
         cfg.update({k: start[k] for k in ('init_from', 'out_dir', 'dry_run')})    # the folder may have moved
-    elif start['init_from'] != 'scratch':
-        cfg = fine_tune_settings(fine_tune_source(start['init_from']), given)
-    else:
-        cfg = {**DEFAULTS, **PRESETS[start['dataset']], **given}
+        return cfg
+    if start['init_from'] != 'scratch':
+        return fine_tune_settings(fine_tune_source(start['init_from']), given)
+    base = preset(start['dataset'])
+    return {**base, **expand(given, base)}
+
+
+def settings(given, say=print):
+    """The whole configuration of a run from what the command line (or a caller) gave, checked."""
+    cfg = resolve(given, say)
     check(cfg, RULES)
     check_combinations(cfg)
     return cfg
@@ -312,7 +321,7 @@ def check_combinations(cfg):
     for key in PER_RESOLUTION:
         missing = [r for r in resolutions(cfg['max_res']) if r not in cfg[key]]
         if missing:
-            top = max(r for r in DEFAULTS[key])
+            top = max(preset(cfg['dataset'])[key])
             _fail(f'--{key} has no entry for {missing[0]}x{missing[0]}' + (
                 f' (the presets go up to {top}x{top}; give --phase_kimg, --batch_size, --lr and --margin up to '
                 f'{cfg["max_res"]}, or --max_res={top})' if cfg['max_res'] > top else '; give one number or a dict '
@@ -377,7 +386,7 @@ def all_mean(values):
     """Average a dict of scalar tensors over ranks (for the log)."""
     if not distributed():
         return values
-    keys = sorted(values)
+    keys = list(values)                 # every rank logs the same terms in the same order
     flat = torch.stack([values[k].float() for k in keys])
     dist.all_reduce(flat)
     return dict(zip(keys, flat / dist.get_world_size()))
@@ -408,6 +417,13 @@ def check_ranks_agree(modules, world, say):
 
 # --------------------------------------------------------------------------------------------
 # One training step
+
+def loss_weights(cfg, fading):
+    """Every lambda_* setting by its name, for the loss functions; lambda_x is this step's lambda_X
+    of Eq. 6 (A.1: 2 while the new level fades in, 3 once it is stable)."""
+    weights = {k: v for k, v in cfg.items() if k.startswith('lambda_')}
+    return {**weights, 'lambda_x': cfg['lambda_x_fade'] if fading else cfg['lambda_x_stable']}
+
 
 class Trainer:
     """The networks, optimizers and random streams of a run: what one step changes and what a
@@ -497,7 +513,7 @@ class Trainer:
         """One iteration on the real batch x: encoder update, decoder update, EMA. Returns the
         logged parts (detached scalars)."""
         cfg, authors = self.cfg, self.cfg['authors']
-        lambda_x = cfg['lambda_x_fade'] if fading else cfg['lambda_x_stable']
+        weights = loss_weights(cfg, fading)
         # encoder step: L_phi; the decoder is frozen, gradients flow through it into the encoder
         self.decoder.requires_grad_(False)
         self.encoder.requires_grad_(True)
@@ -506,7 +522,7 @@ class Trainer:
                                       rank=self.rank, world=self.world).images
         with self.autocast:
             loss_enc, parts_enc, z_real = losses.encoder_loss(
-                self.encoder, self.decoder, self.distance, x, fakes.float(), res, alpha, cfg['margin'][res], lambda_x,
+                self.encoder, self.decoder, self.distance, x, fakes.float(), res, alpha, cfg['margin'][res], weights,
                 extra_kl=cfg['extra_kl'] or authors, upper_clamp=cfg['upper_clamp'] or authors, gather=gather,
                 invariance_k=model.INVARIANCE_K if invariance_on(cfg, res, alpha) else 0)
         self.update(loss_enc, parts_enc, 'encoder', self.opt_enc, self.scaler_enc,
@@ -517,9 +533,8 @@ class Trainer:
         self.decoder.requires_grad_(True)
         with self.autocast:
             loss_dec, parts_dec = losses.decoder_loss(
-                self.encoder, self.decoder, x.shape[0], res, alpha, cfg['mix_ratio'], cfg['lambda_z'], cfg['lambda_j'],
-                self.gen, rank=self.rank, world=self.world, gather=gather, x=x, robust=self.distance_dec,
-                lambda_x=cfg['lambda_x_dec'], z_real=z_real)
+                self.encoder, self.decoder, x.shape[0], res, alpha, weights, cfg['mix_ratio'], self.gen,
+                rank=self.rank, world=self.world, gather=gather, x=x, distance=self.distance_dec, z_real=z_real)
         self.update(loss_dec, parts_dec, 'decoder', self.opt_dec, self.scaler_dec, list(self.decoder.parameters()))
         self.encoder.requires_grad_(True)
         self.robust.requires_grad_(True)
@@ -530,11 +545,7 @@ class Trainer:
         model.update_ema(self.ema, self.decoder, min(cfg['ema_decay'], ramp))
         self.images_seen += x.shape[0] * self.world
         self.step += 1
-        parts = dict(loss_enc=loss_enc.detach(), loss_dec=loss_dec.detach(), **parts_enc,
-                     kl_dec=parts_dec['kl_fake'], dcos=parts_dec['cos'], layer=parts_dec['layer'])
-        if 'recon' in parts_dec:
-            parts['rec_dec'] = parts_dec['recon']
-        return parts
+        return dict(loss_enc=loss_enc.detach(), **parts_enc, loss_dec=loss_dec.detach(), **parts_dec)
 
     def update(self, loss, parts, which, opt, scaler, params):
         if not torch.isfinite(loss):
@@ -607,13 +618,11 @@ def memory_text(dev):
 
 
 def progress_line(kimg, res, alpha, means, rate, eta_phase, eta_run, dev):
-    """kimg | resolution and fade | losses | speed | time left | memory (README explains each field)."""
-    optional = ''.join(f'{k} {means[k]:.3f} ' for k in ('rec_dec', 'inv') if k in means)
-    return (f'kimg {kimg:8.1f} | {res}px a={alpha:.2f} | enc {means["loss_enc"]:.3f} dec {means["loss_dec"]:.3f} '
-            f'kl_r {means["kl_real"]:.3f} kl_f {means["kl_fake"]:.3f} rec {means["recon"]:.3f} '
-            f'kl_d {means["kl_dec"]:.3f} dcos {means["dcos"]:.4f} Lj {means["layer"]:.4f} {optional}'
-            f'| {rate:.0f} img/s {1000 / rate:.1f} s/kimg | eta phase {eta_phase / 60:.1f}m run ~{eta_run / 60:.0f}m '
-            f'| {memory_text(dev)}').rstrip(' |')
+    """kimg | resolution and fade | every logged term by its log.jsonl name | speed | time left | memory."""
+    terms = ' '.join(f'{k} {v:.4g}' for k, v in means.items())
+    return (f'kimg {kimg:8.1f} | {res}px a={alpha:.2f} | {terms} | {rate:.0f} img/s {1000 / rate:.1f} s/kimg '
+            f'| eta phase {max(0.0, eta_phase) / 60:.1f}m run ~{max(0.0, eta_run) / 60:.0f}m | {memory_text(dev)}'
+            ).rstrip(' |')
 
 
 def model_config_from(cfg):
@@ -656,164 +665,210 @@ def main(cfg):
             signal.signal(s, handler)
 
 
-def run(cfg):
-    """main's body: the steps of a run, from the device to the last grid."""
-    # Set up the processes and the device.
-    rank, world, local = (int(os.environ.get(k, d)) for k, d in (('RANK', 0), ('WORLD_SIZE', 1), ('LOCAL_RANK', 0)))
-    master = rank == 0
-    say = print if master else (lambda *a, **k: None)
-    resume, fine_tune = cfg['init_from'] == 'resume', cfg['init_from'] not in ('scratch', 'resume')
-    ck = read_checkpoint(cfg['out_dir']) if resume else None
-    source = fine_tune_source(cfg['init_from']) if fine_tune else None
-    start_res = ck.get('start_res', 4) if resume else source.res if fine_tune else 4
-    table, end_kimg = phase_table(cfg['max_res'], cfg['phase_kimg'], cfg['total_kimg'], start_res)
-    if cfg['dry_run']:
-        say(json.dumps(cfg, indent=1, default=str))
-        print_plan(cfg, table, end_kimg, world, say)
-        return
-    dev = model.resolve_device(cfg['device'], local)
+class Run:
+    """Where a run stands besides the Trainer: the schedule, the processes, the data, the stop flag."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.rank, self.world, self.local = (int(os.environ.get(k, d)) for k, d in
+                                             (('RANK', 0), ('WORLD_SIZE', 1), ('LOCAL_RANK', 0)))
+        self.master = self.rank == 0
+        self.say = print if self.master else (lambda *a, **k: None)
+        self.resume = cfg['init_from'] == 'resume'
+        self.fine_tune = cfg['init_from'] not in ('scratch', 'resume')
+        self.ck = read_checkpoint(cfg['out_dir']) if self.resume else None
+        self.source = fine_tune_source(cfg['init_from']) if self.fine_tune else None
+        start_res = self.ck.get('start_res', 4) if self.resume else self.source.res if self.fine_tune else 4
+        self.table, self.end_kimg = phase_table(cfg['max_res'], cfg['phase_kimg'], cfg['total_kimg'], start_res)
+        self.ckpt_path = os.path.join(cfg['out_dir'], 'ckpt.pt')
+        self.stop = None                     # the signal's name once Ctrl-C or SIGTERM asked to stop
+
+
+def start_processes(r):
+    """The device, and the process group under torchrun."""
+    dev = model.resolve_device(r.cfg['device'], r.local)
     if dev.type == 'cuda':
         torch.cuda.set_device(dev)
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    if world > 1:
+    if r.world > 1:
         dist.init_process_group('nccl' if dev.type == 'cuda' else 'gloo')
+    return dev
 
-    # Construct the networks: new, resumed, or from the checkpoint a fine-tune starts from.
-    ckpt_path = os.path.join(cfg['out_dir'], 'ckpt.pt')
-    if resume:
-        mcfg = model.ModelConfig(**ck['model_config'])
-    elif fine_tune:
-        mcfg = replace(source.cfg, max_res=cfg['max_res'])
+
+def build_trainer(r, dev):
+    """The networks: new, resumed, or from the checkpoint a fine-tune starts from."""
+    if r.resume:
+        mcfg = model.ModelConfig(**r.ck['model_config'])
+    elif r.fine_tune:
+        mcfg = replace(r.source.cfg, max_res=r.cfg['max_res'])
     else:
-        mcfg = model_config_from(cfg)
-    t = Trainer(cfg, mcfg, dev, rank, world)
-    if resume:
-        t.load(ck)
-    elif fine_tune:
-        t.start_from(source)
-        say(f'fine-tuning {t.started_from["checkpoint"]} ({t.start_res}x{t.start_res}, '
-            f'{t.started_from["kimg"]:.1f} kimg): new optimizers, the schedule from {t.start_res}x{t.start_res}')
+        mcfg = model_config_from(r.cfg)
+    t = Trainer(r.cfg, mcfg, dev, r.rank, r.world)
+    if r.resume:
+        t.load(r.ck)
+    elif r.fine_tune:
+        t.start_from(r.source)
+        r.say(f'fine-tuning {t.started_from["checkpoint"]} ({t.start_res}x{t.start_res}, '
+              f'{t.started_from["kimg"]:.1f} kimg): new optimizers, the schedule from {t.start_res}x{t.start_res}')
+    return t
 
-    # Load the data set (rank 0 builds any folder cache first, the others read it when complete).
-    if world > 1 and not master:
+
+def load_data(r, t, dev):
+    """The train split (rank 0 builds any folder cache first, the others read it when complete) and
+    the 8 real images of the grids: held-out ones where the data set has them."""
+    cfg = {**r.cfg, 'max_res': t.mcfg.max_res}
+    if r.world > 1 and not r.master:
         dist.barrier()
     try:
-        source = data.make_source(cfg['dataset'], cfg['data_root'], 'train', mcfg.max_res, cfg['seed'],
-                                  cfg['test_fraction'], cfg['cache_dir'], cfg['num_workers'], say)
+        source = data.open_split(cfg, 'train', r.say)
     except (ValueError, FileNotFoundError, ImportError) as e:
         _fail(e)
-    if world > 1 and master:
+    if r.world > 1 and r.master:
         dist.barrier()
-    check_enough_images(source, cfg, table, world)
+    check_enough_images(source, r.cfg, r.table, r.world)
     held_out = cfg['dataset'] == 'shapes' or cfg['test_fraction'] > 0
-    grid_source = data.make_source(cfg['dataset'], cfg['data_root'], 'test' if held_out else 'train', mcfg.max_res,
-                                   cfg['seed'], cfg['test_fraction'], cfg['cache_dir'], 0, lambda *a: None)
-    grid_reals = grid_source.load_batch([i % len(grid_source) for i in range(8)], mcfg.max_res).to(dev)
+    grid_source = data.open_split({**cfg, 'num_workers': 0}, 'test' if held_out else 'train')
+    grid_reals = grid_source.load_batch([i % len(grid_source) for i in range(8)], t.mcfg.max_res).to(dev)
+    return source, grid_reals
 
-    # Write the settings and say what will happen.
-    if master:
+
+def announce(r, t, dev, source):
+    """config.json (and W&B) on rank 0; what will run, on the screen."""
+    cfg = r.cfg
+    if r.master:
         os.makedirs(cfg['out_dir'], exist_ok=True)
         with open(os.path.join(cfg['out_dir'], 'config.json'), 'w') as f:
-            json.dump({**cfg, 'model_config': asdict(mcfg), 'world_size': world}, f, indent=1, default=str)
+            json.dump({**cfg, 'model_config': asdict(t.mcfg), 'world_size': r.world}, f, indent=1, default=str)
         if cfg['wandb_log']:
             import wandb
             wandb.init(project=cfg['wandb_project'], config=cfg)
     dtype = t.dtype if t.dtype == cfg['dtype'] else f'{cfg["dtype"]} -> {t.dtype}'
-    say(f'world {world} | device {dev} | dtype {dtype} | data {cfg["dataset"]} ({len(source):,} train images)')
-    say(f'decoder {model.count(t.decoder.parameters()):,} params | encoder {model.count(t.encoder.parameters()):,} | '
-        f'robust loss {model.count(t.robust.parameters()):,}')
-    print_plan(cfg, table, end_kimg, world, say)
+    r.say(f'world {r.world} | device {dev} | dtype {dtype} | data {cfg["dataset"]} ({len(source):,} train images)')
+    r.say(f'decoder {model.count(t.decoder.parameters()):,} params | encoder {model.count(t.encoder.parameters()):,} | '
+          f'robust loss {model.count(t.robust.parameters()):,}')
+    print_plan(cfg, r.table, r.end_kimg, r.world, r.say)
 
-    # Ctrl-C and SIGTERM finish the step, write the checkpoint, then stop.
-    stop = {'signal': None}
 
+def catch_signals(r):
+    """Ctrl-C and SIGTERM finish the step, write the checkpoint, then stop."""
     def request_stop(signum, frame):
-        stop['signal'] = signal.Signals(signum).name
-        say(f'{stop["signal"]}: finishing this step, then writing the checkpoint')
+        r.stop = signal.Signals(signum).name
+        r.say(f'{r.stop}: finishing this step, then writing the checkpoint')
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
 
-    # Main training loop.
+
+def enter_phase(r, t, source, res, p, dev, say_so):
+    """Grow to the phase's resolution: robust loss, learning rate, data loader; say_so: print the phase line."""
+    while t.robust.res < res:
+        t.robust.grow()
+    for opt in (t.opt_enc, t.opt_dec):
+        for group in opt.param_groups:
+            group['lr'] = r.cfg['lr'][res]
+    loader = data.make_loader(source, res, r.cfg['batch_size'][res], r.rank, r.world, r.cfg['seed'], t.images_seen,
+                              r.cfg['num_workers'], pin_memory=dev.type == 'cuda')
+    if say_so:
+        fade = r.table[p][2] * r.cfg['fade']
+        r.say(f'---- phase {p}: {res}x{res} at {t.images_seen / 1000:.1f} kimg, '
+              + (f'fading in over {fade:g} kimg ----' if fade > 0 else 'no fade-in ----'))
+    return loader
+
+
+def stopping_everywhere(r, dev):
+    """True when a signal asked any rank to stop: every rank must stop at the same step (the save is a collective)."""
+    stopping = r.stop is not None
+    if r.world > 1:
+        flag = torch.tensor([float(stopping)], device=dev)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        stopping = flag.item() > 0
+        r.stop = r.stop or ('a signal on another rank' if stopping else None)
+    return stopping
+
+
+def log_progress(r, t, means, p, res, alpha, rate, dev):
+    """The progress line, and the same numbers as one line of log.jsonl (and W&B)."""
+    kimg = t.images_seen / 1000
+    eta_phase = (phase_end(r.table, p, r.end_kimg) - kimg) * 1000 / rate
+    r.say(progress_line(kimg, res, alpha, means, rate, eta_phase,
+                        remaining_seconds(r.table, r.end_kimg, kimg, res, rate), dev))
+    if r.master:
+        record = dict(kimg=kimg, step=t.step, res=res, alpha=alpha, **means, img_per_s=rate, time=time.time() - r.t_start)
+        with open(os.path.join(r.cfg['out_dir'], 'log.jsonl'), 'a') as f:
+            f.write(json.dumps(record) + '\n')
+        if r.cfg['wandb_log']:
+            import wandb
+            wandb.log(record, step=t.step)
+
+
+def train_loop(r, t, source, grid_reals, dev):
+    """Steps until end_kimg or a signal: progress lines, grids, checkpoints and snapshots on the way."""
+    cfg = r.cfg
     cur_res, loader, last_log, t_log = None, None, t.images_seen, time.time()
     sums, counts = {}, {}             # per term: a term can be absent from some steps (inv before 8x8)
-    t_start, kimg_start = time.time(), t.images_seen / 1000
-    while t.images_seen / 1000 < end_kimg:
-        # Grow to the phase's resolution: data, robust loss, learning rate.
-        p, res, alpha, fading = schedule(t.images_seen / 1000, table, cfg['fade'])
+    while t.images_seen / 1000 < r.end_kimg:
+        p, res, alpha, fading = schedule(t.images_seen / 1000, r.table, cfg['fade'])
         if res != cur_res:
-            while t.robust.res < res:
-                t.robust.grow()
-            for opt in (t.opt_enc, t.opt_dec):
-                for group in opt.param_groups:
-                    group['lr'] = cfg['lr'][res]
-            batch = cfg['batch_size'][res]
-            loader = data.make_loader(source, res, batch, rank, world, cfg['seed'], t.images_seen,
-                                      cfg['num_workers'], pin_memory=dev.type == 'cuda')
-            if cur_res is not None:
-                say(f'---- phase {p}: {res}x{res} at {t.images_seen / 1000:.1f} kimg, fading in over '
-                    f'{table[p][2] * cfg["fade"]:.0f} kimg ----')
-            cur_res = res
+            loader = enter_phase(r, t, source, res, p, dev, say_so=cur_res is not None)
+            cur_res, batch = res, cfg['batch_size'][res]
 
         # One step.
-        x = data.prepare_batch(next(loader), alpha, dev, t.gen, pairs=invariance_on(cfg, res, alpha), rank=rank,
-                               world=world)
+        x = data.prepare_batch(next(loader), alpha, dev, t.gen, pairs=invariance_on(cfg, res, alpha), rank=r.rank,
+                               world=r.world)
         if cfg['channels_last']:
             x = x.contiguous(memory_format=torch.channels_last)
-        parts = t.step_on(x, res, alpha, fading)
-        for k, v in parts.items():
+        for k, v in t.step_on(x, res, alpha, fading).items():
             sums[k] = sums.get(k, 0.0) + v.float()
             counts[k] = counts.get(k, 0) + 1
-        kimg, step_images = t.images_seen / 1000, batch * world
-        stopping = stop['signal'] is not None
-        if world > 1:                   # every rank must stop at the same step (the save is a collective)
-            flag = torch.tensor([float(stopping)], device=dev)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            stopping = flag.item() > 0
-            stop['signal'] = stop['signal'] or ('a signal on another rank' if stopping else None)
-        finished = kimg >= end_kimg
-        done = finished or stopping
+        kimg, step_images = t.images_seen / 1000, batch * r.world
+        finished = kimg >= r.end_kimg
+        done = finished or stopping_everywhere(r, dev)
 
         # Print the progress line, write grids, checkpoint and snapshots.
         if kimg - last_log / 1000 >= cfg['log_every'] or done:
             means = {k: v.item() / counts[k] for k, v in all_mean(sums).items()}
-            rate = (t.images_seen - last_log) / (time.time() - t_log)
-            eta_phase = (phase_end(table, p, end_kimg) - kimg) * 1000 / rate
-            say(progress_line(kimg, res, alpha, means, rate, eta_phase,
-                              remaining_seconds(table, end_kimg, kimg, res, rate), dev))
-            if master:
-                record = dict(kimg=kimg, step=t.step, res=res, alpha=alpha, **means, img_per_s=rate,
-                              time=time.time() - t_start)
-                with open(os.path.join(cfg['out_dir'], 'log.jsonl'), 'a') as f:
-                    f.write(json.dumps(record) + '\n')
-                if cfg['wandb_log']:
-                    import wandb
-                    wandb.log(record, step=t.step)
+            log_progress(r, t, means, p, res, alpha, (t.images_seen - last_log) / (time.time() - t_log), dev)
             sums, counts, last_log, t_log = {}, {}, t.images_seen, time.time()
-        if master and crossed(kimg, step_images, cfg['sample_every']) and not done:
+        if r.master and crossed(kimg, step_images, cfg['sample_every']) and not done:
             write_grid(t, grid_reals, res, alpha)
-        phase_over = schedule(kimg, table, cfg['fade'])[0] != p
+        phase_over = schedule(kimg, r.table, cfg['fade'])[0] != p
         if crossed(kimg, step_images, cfg['ckpt_every']) or done:
             state = t.state()                             # every rank takes part (RNG states)
-            if master:
-                model.save_checkpoint(ckpt_path, res=res, alpha=alpha, **state)
-        if master and (crossed(kimg, step_images, cfg['snapshot_every']) or phase_over or finished):
+            if r.master:
+                model.save_checkpoint(r.ckpt_path, res=res, alpha=alpha, **state)
+        if r.master and (crossed(kimg, step_images, cfg['snapshot_every']) or phase_over or finished):
             write_snapshot(t, res, alpha)
         if done:        # checked after the save: a signal that lands between steps still gets one
             break
 
+
+def run(cfg):
+    """main's body: the steps of a run, from the device to the last grid."""
+    r = Run(cfg)
+    if cfg['dry_run']:
+        r.say(json.dumps(cfg, indent=1, default=str))
+        print_plan(cfg, r.table, r.end_kimg, r.world, r.say)
+        return
+    dev = start_processes(r)
+    t = build_trainer(r, dev)
+    source, grid_reals = load_data(r, t, dev)
+    announce(r, t, dev, source)
+    catch_signals(r)
+    r.t_start, kimg_start = time.time(), t.images_seen / 1000
+    train_loop(r, t, source, grid_reals, dev)
+
     # Finish: the last grid, a check that all ranks agree, a summary.
     kimg = t.images_seen / 1000
-    p, res, alpha, _ = schedule(min(kimg, end_kimg - 1e-9), table, cfg['fade'])
-    path = write_grid(t, grid_reals, res, alpha) if master else None
-    if world > 1:
-        check_ranks_agree([t.encoder, t.decoder, t.ema, t.robust], world, say)
-    minutes = (time.time() - t_start) / 60
-    say(f'{"stopped by " + stop["signal"] if stop["signal"] else "done"} at {kimg:.1f} kimg ({res}x{res}, alpha '
-        f'{alpha:.2f}) after {minutes:.1f} min this run ({kimg - kimg_start:.1f} kimg); checkpoint {ckpt_path}; grid {path}')
-    if world > 1:
+    p, res, alpha, _ = schedule(min(kimg, r.end_kimg - 1e-9), r.table, cfg['fade'])
+    path = write_grid(t, grid_reals, res, alpha) if r.master else None
+    if r.world > 1:
+        check_ranks_agree([t.encoder, t.decoder, t.ema, t.robust], r.world, r.say)
+    minutes = (time.time() - r.t_start) / 60
+    r.say(f'{"stopped by " + r.stop if r.stop else "done"} at {kimg:.1f} kimg ({res}x{res}, alpha {alpha:.2f}) '
+          f'after {minutes:.1f} min this run ({kimg - kimg_start:.1f} kimg); checkpoint {r.ckpt_path}; grid {path}')
+    if r.world > 1:
         dist.destroy_process_group()
 
 
 if __name__ == '__main__':
-    main(settings(configure(globals(), CONFIG_KEYS)))
+    main(settings(configure(globals(), CONFIG_KEYS, shown=lambda given: resolve(given, say=lambda *a: None))))
