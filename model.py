@@ -3,7 +3,7 @@
 Heljakka, Hou, Kannala, Solin, "Deep Automodulators", NeurIPS 2020 (Sec. 3.1, Fig. 2-3, A.1).
 Reference code: github.com/AaltoVision/automodulator (pioneer/model.py); where it differs from the
 paper, the paper is the default here and the authors' choice is a ModelConfig switch
-(`ModelConfig(**AUTHORS)` gives all of them; README has the table).
+(`ModelConfig(**AUTHORS)` gives all the networks' ones; README has the table).
 
 Blocks are indexed by level i = 0, 1, 2, ... at resolution 4 * 2**i in both networks. Every level up
 to max_res exists from construction; the current resolution `res` and fade-in `alpha` are inputs.
