@@ -22,7 +22,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import data
 import model
 import train
-from configurator import configure
+from configurator import configure, expand_path
 
 _before = set(globals())
 device = 'auto'             # auto (cuda if available) | cpu | cuda
@@ -202,9 +202,10 @@ def main(cfg):
         bench_decoder(cfg, dev, autocast, report)
     if 'data' not in skipped:
         bench_data(cfg, dev, report)
-    with open(cfg['out'], 'w') as f:
+    out = expand_path(cfg['out'])
+    with open(out, 'w') as f:
         json.dump(results, f, indent=1)
-    print(f'wrote {cfg["out"]}')
+    print(f'wrote {out}')
     return results
 
 

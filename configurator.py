@@ -24,6 +24,7 @@ what is valid.
 """
 import ast
 import difflib
+import os
 import re
 import sys
 
@@ -138,10 +139,11 @@ def configure(g, keys, argv=None, shown=None):
 # Valid values
 
 class Rule:
-    """What a valid value is: `text` says it in the error message, `ok(value)` tests it."""
+    """What a valid value is: `text` says it in the error message, `ok(value)` tests it; `clean(value)`
+    is the value the script uses (a path with ~ and $VARS expanded)."""
 
-    def __init__(self, text, ok):
-        self.text, self.ok = text, ok
+    def __init__(self, text, ok, clean=None):
+        self.text, self.ok, self.clean = text, ok, clean or (lambda v: v)
 
     def problem(self, value):
         """'' when value is valid, else what was expected."""
@@ -156,6 +158,16 @@ def _number(v):
 
 
 ANY = Rule('anything', lambda v: True)
+
+
+def expand_path(text):
+    """~ and $VARS expanded: the shell leaves them alone after --key=."""
+    return os.path.expandvars(os.path.expanduser(text)) if isinstance(text, str) else text
+
+
+PATH = Rule('a path', lambda v: isinstance(v, str), expand_path)
+PATHS = Rule('a folder or comma-separated files', lambda v: isinstance(v, str),
+             lambda v: ','.join(expand_path(p) for p in v.split(',')) if isinstance(v, str) else v)
 
 
 def one_of(*choices):
@@ -203,6 +215,11 @@ class per_resolution(Rule):
             if self.rule.problem(x):
                 return f'{self.text} (got {x!r} at {r}x{r})'
         return ''
+
+
+def clean(cfg, rules):
+    """cfg with each value as its rule cleans it (paths expanded); keys without a rule unchanged."""
+    return {k: rules[k].clean(v) if k in rules else v for k, v in cfg.items()}
 
 
 def check(cfg, rules):

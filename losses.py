@@ -405,17 +405,52 @@ class MissingWeights(RuntimeError):
 
 
 def load_weights(path, url, option):
-    """A state dict from `path` if given, else from `url` through torch.hub's download cache."""
+    """A state dict from `path` if given, else from `url` through torch.hub's download cache; when
+    neither gives one, MissingWeights in one line naming the file, the URL and --option."""
     if path:
         if not os.path.isfile(path):
-            raise FileNotFoundError(f'--{option}={path} does not exist; download {url} to it')
-        return torch.load(path, map_location='cpu', weights_only=True)
+            raise MissingWeights(f'--{option}={path} does not exist; download {url} to it')
+        try:
+            sd = torch.load(path, map_location='cpu', weights_only=True)
+        except Exception as e:                                    # noqa: BLE001 (not a torch file, truncated)
+            raise MissingWeights(f'--{option}={path} is not a torch weights file ({type(e).__name__}); '
+                                 f'download {url} to it') from None
+        if not isinstance(sd, dict):
+            raise MissingWeights(f'--{option}={path} holds a {type(sd).__name__}, not a state dict; download {url}')
+        return sd
     cached = os.path.join(torch.hub.get_dir(), 'checkpoints', os.path.basename(url))
     try:
         return torch.hub.load_state_dict_from_url(url, map_location='cpu', progress=True)
     except Exception as e:                                        # noqa: BLE001 (no network, 404, ...)
         raise MissingWeights(f'cannot get the weights {url} ({type(e).__name__}: {e}). Download the file by '
-                           f'hand and put it at {cached}, or pass its path with --{option}=PATH') from None
+                             f'hand and put it at {cached}, or pass its path with --{option}=PATH') from None
+
+
+def load_each(*wanted):
+    """[load_weights(path, url, option) for each]; one MissingWeights that names every file that failed."""
+    found, failed = [], []
+    for spec in wanted:
+        try:
+            found.append(spec if isinstance(spec, dict) else load_weights(*spec))
+        except MissingWeights as e:
+            failed.append(str(e))
+    if failed:
+        raise MissingWeights(failed[0] if len(failed) == 1 else f'{len(failed)} weight files are missing: '
+                             + ' | '.join(f'({i + 1}) {f}' for i, f in enumerate(failed)))
+    return found
+
+
+def load_into(module, state, option, path, url):
+    """module.load_state_dict(state), a file of other weights reported as MissingWeights in one line."""
+    try:
+        result = module.load_state_dict(state, strict=False)
+        wrong = (f'{len(result.missing_keys)} tensors missing, {len(result.unexpected_keys)} not of this network'
+                 if result.missing_keys or result.unexpected_keys else '')
+    except RuntimeError as e:                                    # the same names, other shapes
+        wrong = next((line.strip() for line in str(e).splitlines() if 'size mismatch' in line), 'other shapes')[:160]
+    if wrong:
+        given = path if isinstance(path, str) and path else url
+        raise MissingWeights(f'--{option}={given} does not hold the weights expected here ({wrong}); use {url}')
 
 
 # --------------------------------------------------------------------------------------------
@@ -455,14 +490,16 @@ class LPIPS(nn.Module):
             raise ValueError(f"LPIPS net must be 'vgg' or 'alex', got {net!r}")
         taps, channels = _TAPS[net]
         self.features = _vgg16_features() if net == 'vgg' else _alexnet_features()
-        sd = backbone if isinstance(backbone, dict) else load_weights(backbone, BACKBONE_URLS[net], f'{net}_backbone')
+        files = ((backbone, BACKBONE_URLS[net], f'{net}_backbone'), (heads, LPIPS_URLS[net], f'lpips_{net}'))
+        sd, hd = load_each(*(f[0] if isinstance(f[0], dict) else f for f in files))    # both, or every one missing
         # the torchvision file's features.N.* only: the classifier is not needed
-        self.features.load_state_dict({k[len('features.'):]: v for k, v in sd.items() if k.startswith('features.')})
+        load_into(self.features, {k[len('features.'):]: v for k, v in sd.items() if k.startswith('features.')},
+                  files[0][2], files[0][0], files[0][1])
         self.taps = taps
         self.heads = nn.ModuleList([nn.Conv2d(c, 1, 1, bias=False) for c in channels])
-        hd = heads if isinstance(heads, dict) else load_weights(heads, LPIPS_URLS[net], f'lpips_{net}')
-        for k, head in enumerate(self.heads):
-            head.weight.data.copy_(hd[f'lin{k}.model.1.weight'])
+        load_into(self.heads, {f'{k}.weight': hd[f'lin{k}.model.1.weight'] for k in range(len(channels))
+                               if f'lin{k}.model.1.weight' in hd},
+                  files[1][2], files[1][0], files[1][1])
         self.register_buffer('shift', torch.tensor([-.030, -.088, -.188])[None, :, None, None])
         self.register_buffer('scale', torch.tensor([.458, .448, .450])[None, :, None, None])
         self.eval().requires_grad_(False)

@@ -35,8 +35,8 @@ import torch.nn.functional as F
 import data
 import model
 import sample
-from configurator import ANY, Rule, above, at_least, check, configure, integer, matches, one_of
-from losses import LPIPS, MissingWeights, load_weights  # noqa: F401 (LPIPS, a perceptual loss, lives in losses.py)
+from configurator import ANY, PATH, Rule, above, at_least, check, clean, configure, integer, matches, one_of
+from losses import LPIPS, MissingWeights, load_into, load_weights  # noqa: F401 (LPIPS, a perceptual loss, lives in losses.py)
 
 FID_URL = 'https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth'
 # --------------------------------------------------------------------------------------------
@@ -316,11 +316,29 @@ def fid_reconstructions(net, inception, source, count, batch):
     return frechet_distance(*statistics(torch.cat(rec).numpy()), *statistics(torch.cat(real).numpy()))
 
 
+def folder_files(root, count, flag):
+    """The first `count` images under `root` (sorted), checked before any weights load: one line when
+    the folder is missing or holds none, a warning when it holds too few for a stable FID."""
+    if not os.path.isdir(root):
+        raise SystemExit(f'error: {flag}={root} is not a folder')
+    try:
+        files = data.list_images(root)[:count]
+    except ValueError as e:
+        raise SystemExit(f'error: {flag}: {e}') from None
+    if len(files) < STABLE_FID:
+        warnings.warn(f'{flag}={root} holds {len(files)} images; FID and precision/recall from fewer than '
+                      f'{STABLE_FID} are biased and vary between draws (the paper uses 50,000)')
+    return files
+
+
+STABLE_FID = 2048       # the feature dimension: below it the covariance is rank-deficient
+
+
 @torch.no_grad()
-def folder_features(inception, root, res, batch, count, device):
-    """Inception features of up to `count` images under `root` (sorted), centre-cropped and resized
-    to res as training does; unreadable files are skipped with a warning, none readable is an error."""
-    files, feats, x, progress = data.list_images(root)[:count], [], [], Progress(f'features of {root}', count)
+def folder_features(inception, files, res, batch, device, name):
+    """Inception features of image files, centre-cropped and resized to res as training does; an
+    unreadable file is skipped with a warning, none readable is an error."""
+    feats, x, progress = [], [], Progress(f'features of {name}', len(files))
     for i, path in enumerate(files):
         try:
             x.append(data.crop_resize(data.open_rgb(path), res))
@@ -332,7 +350,7 @@ def folder_features(inception, root, res, batch, count, device):
             x = []
             progress(i + 1)
     if not feats:
-        raise ValueError(f'none of the {len(files)} images under {root} could be read')
+        raise SystemExit(f'error: none of the {len(files)} images under {name} could be read')
     return torch.cat(feats).numpy()
 
 
@@ -612,11 +630,11 @@ RULES = dict(
     strengths=Rule('a tuple of numbers, e.g. (1, 2)', lambda v: len(v) > 0 and all(isinstance(a, (int, float)) for a in v)),
     edit_blocks=matches(r'coarse|intermediate|fine|all|\d*:\d*', 'coarse, intermediate, fine, all or a:b'),
     project_count=integer(1), project_steps=integer(0), project_lpips=at_least(0), project_lr=above(0),
-    folder_a=ANY, folder_b=ANY, folder_res=integer(8), pr_k=integer(1),
-    out_dir=ANY, ckpt=ANY, dataset=one_of('', *data.DATASETS), data_root=ANY, fid_count=integer(2),
+    folder_a=PATH, folder_b=PATH, folder_res=integer(8), pr_k=integer(1),
+    out_dir=PATH, ckpt=PATH, dataset=one_of('', *data.DATASETS), data_root=PATH, fid_count=integer(2),
     rec_count=integer(2), ppl_count=integer(1), mix_count=integer(1), batch=integer(1), epsilon=above(0),
     shapes_range=one_of('test', 'report'), lpips_net=one_of('alex', 'vgg'), ppl_net=one_of('alex', 'vgg'), crop=one_of('auto', 'yes', 'no'),
-    inception=ANY, vgg_backbone=ANY, alex_backbone=ANY, lpips_vgg=ANY, lpips_alex=ANY, stats_dir=ANY,
+    inception=PATH, vgg_backbone=PATH, alex_backbone=PATH, lpips_vgg=PATH, lpips_alex=PATH, stats_dir=PATH,
     seed=integer(0), device=ANY)
 
 
@@ -639,9 +657,9 @@ def fid_count_of(cfg):
 
 
 def load_inception(cfg, dev):
-    inc = InceptionV3().to(dev)
-    inc.load_state_dict(load_weights(cfg['inception'], FID_URL, 'inception'))
-    return inc
+    inc = InceptionV3()
+    load_into(inc, load_weights(cfg['inception'], FID_URL, 'inception'), 'inception', cfg['inception'], FID_URL)
+    return inc.to(dev)
 
 
 def compare_folders(cfg, dev):
@@ -651,11 +669,9 @@ def compare_folders(cfg, dev):
     if not (cfg['metric'].startswith('fid') and cfg['metric'] != 'fid_rec' or cfg['metric'] == 'pr'):
         raise SystemExit(f"error: --metric={cfg['metric']} needs a checkpoint; between folders use fid or pr")
     count, t0 = fid_count_of(cfg), time.time()
+    files = {k: folder_files(cfg[k], count, f'--{k}') for k in ('folder_a', 'folder_b')}    # before any weights
     inc = load_inception(cfg, dev)
-    try:
-        a, b = (folder_features(inc, cfg[k], cfg['folder_res'], cfg['batch'], count, dev) for k in ('folder_a', 'folder_b'))
-    except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f'error: {e}')
+    a, b = (folder_features(inc, files[k], cfg['folder_res'], cfg['batch'], dev, cfg[k]) for k in ('folder_a', 'folder_b'))
     if cfg['metric'] == 'pr':
         value, name = precision_recall(a, b, cfg['pr_k']), f'pr{_count_name(min(len(a), len(b)))}'
     else:
@@ -780,6 +796,7 @@ NO_IMAGES = ('ppl', 'mix', 'invariance', 'edit', 'project')   # what an authors'
 
 def main(cfg):
     """Score a checkpoint (or two folders) by --metric and append the record; returns it."""
+    cfg = clean(cfg, RULES)                                   # paths: ~ and $VARS expanded
     check(cfg, RULES)
     try:
         dev = model.resolve_device(cfg['device'])
@@ -792,6 +809,8 @@ def main(cfg):
     path = cfg['ckpt'] or os.path.join(cfg['out_dir'], 'ckpt.pt')
     try:
         net = model.load_checkpoint(path, device=dev)
+    except model.NotCached as e:
+        raise SystemExit(f'error: {e.advice("--ckpt=")}') from None
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f'error: {e}')
     # the data set the checkpoint records, or --dataset / --data_root (the authors' files record none)

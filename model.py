@@ -12,6 +12,7 @@ Latents are (B, nz) on the unit sphere, or (B, n_blocks, nz) to drive each decod
 import math
 import os
 import re
+from contextlib import nullcontext
 from dataclasses import dataclass, fields
 
 import torch
@@ -425,8 +426,8 @@ def sample_prior(n, nz=512, device=None, generator=None):
 
 
 def block_range(spec, n_blocks, extra_8x8=False):
-    """'coarse' | 'intermediate' | 'fine' | 'a:b' (block indices, b may be empty) -> range of blocks.
-    extra_8x8: the decoder has a second 8x8 block (index 2), so groups from 8x8 on hold one more."""
+    """'coarse' | 'intermediate' | 'fine' | 'a:b' (block indices, b may be empty) -> range of blocks;
+    a range past the model's last block keeps the blocks it has, as a group does. extra_8x8: the decoder has a second 8x8 block (index 2), so groups from 8x8 on hold one more."""
     if spec in GROUPS:                  # a group cut short by the model's resolution keeps what exists
         a, b = GROUPS[spec]
         if extra_8x8:
@@ -437,7 +438,7 @@ def block_range(spec, n_blocks, extra_8x8=False):
             a, b = (int(t) if t.strip() else None for t in str(spec).split(':'))
         except ValueError:
             a = b = -1
-    b = n_blocks if b is None else b
+    b = n_blocks if b is None else min(b, n_blocks)     # cut short as a group is: '2:4' = intermediate
     if a is None or not 0 <= a < b <= n_blocks:
         valid = ', '.join(f'{k} ({GROUPS[k][0]}:{GROUPS[k][1] or ""})' for k in GROUPS
                           if GROUPS[k][0] < n_blocks)
@@ -475,13 +476,19 @@ class Automodulator(nn.Module):
         self.config, self.kimg, self.path = {}, 0.0, None   # training config, progress, file (load_checkpoint)
         level(self.res, cfg.max_res)
 
-    def encode(self, images):
-        """(B, 3, res, res) in [-1, 1] -> (B, nz) on the unit sphere."""
-        return self.encoder(images, self.res, self.alpha)
+    def _grad(self, grad):
+        """Gradients in train mode; in eval mode only when asked (grad=True: e.g. to optimise latents)."""
+        return nullcontext() if (self.training if grad is None else grad) else torch.no_grad()
 
-    def decode(self, z, noise=True):
+    def encode(self, images, grad=None):
+        """(B, 3, res, res) in [-1, 1] -> (B, nz) on the unit sphere."""
+        with self._grad(grad):
+            return self.encoder(images, self.res, self.alpha)
+
+    def decode(self, z, noise=True, grad=None):
         """(B, nz) or per-block (B, n_blocks, nz) -> (B, 3, res, res) in about [-1, 1]."""
-        return self.decoder(z, self.res, self.alpha, noise=noise)
+        with self._grad(grad):
+            return self.decoder(z, self.res, self.alpha, noise=noise)
 
     def reconstruct(self, images, noise=True):
         return self.decode(self.encode(images), noise=noise)
@@ -625,13 +632,30 @@ RELEASED = {
 }
 
 
+class NotCached(FileNotFoundError):
+    """A released model that is not in torch.hub's cache and could not be downloaded. `advice(how)`
+    says what to do, with `how` the caller's way of passing a file ('--ckpt=', 'checkpoint=')."""
+
+    def __init__(self, name, url, cached, why):
+        self.name, self.url, self.cached, self.why = name, url, cached, why
+        super().__init__(self.advice("load_checkpoint('"))
+
+    def advice(self, how):
+        file = os.path.basename(self.cached)
+        close = "')" if how.endswith("'") else ''
+        return (f'the released model {self.name!r} is not in the cache and could not be downloaded ({self.why}). '
+                f'Download {self.url} and put it at {self.cached}, or pass {how}/path/to/{file}{close}')
+
+
 def resolve_checkpoint(path):
     """A local file, or a released model by name or file name, fetched once into torch.hub's cache."""
+    path = os.path.expanduser(path)
     if os.path.isfile(path):
         return path
     release = {n: r for n, r in RELEASED.items() if path == n or os.path.basename(path) == r[0]}
     if not release:
-        raise FileNotFoundError(f'no checkpoint at {path}; train one with `python train.py` (it writes '
+        where = path if os.path.isabs(path) else f'{path} ({os.path.abspath(path)})'
+        raise FileNotFoundError(f'no checkpoint at {where}; train one with `python train.py` (it writes '
                                 f'out_dir/ckpt.pt), pass the path of another, or name a released model: '
                                 f'{", ".join(RELEASED)}')
     name, (file, *_rest) = release.popitem()
@@ -642,9 +666,7 @@ def resolve_checkpoint(path):
             os.makedirs(os.path.dirname(cached), exist_ok=True)
             torch.hub.download_url_to_file(url, cached, progress=True)
         except Exception as e:                                   # noqa: BLE001 (no network, HTTP error, ...)
-            raise FileNotFoundError(f'the released model {name!r} is not in the cache and could not be '
-                                    f'downloaded ({type(e).__name__}: {e}). Download {url} and put it at '
-                                    f'{cached}, or pass --ckpt=/path/to/{file}') from None
+            raise NotCached(name, url, cached, f'{type(e).__name__}: {e}') from None
     return cached
 
 

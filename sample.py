@@ -32,7 +32,7 @@ from torchvision.utils import save_image
 import data
 import losses
 import model
-from configurator import ANY, Rule, above, at_least, check, configure, integer, matches, one_of
+from configurator import ANY, PATH, PATHS, Rule, above, at_least, check, clean, configure, integer, matches, one_of
 
 _before = set(globals())
 mode = 'mix'                # mix | recon | random | cond | interp | invariance | encode | decode | direction | edit | project
@@ -66,33 +66,36 @@ CONFIG_KEYS = sorted(set(globals()) - _before - {'_before'})
 
 MODES = ('mix', 'recon', 'random', 'cond', 'interp', 'invariance', 'encode', 'decode', 'direction', 'edit', 'project')
 _BLOCKS = matches(r'coarse|intermediate|fine|all|\d*:\d*', "coarse, intermediate, fine, all or a:b (block indices)")
-RULES = dict(mode=one_of(*MODES), mix=_BLOCKS, cond=_BLOCKS, out_dir=ANY, ckpt=ANY, inputs=ANY, inputs_b=ANY,
+RULES = dict(mode=one_of(*MODES), mix=_BLOCKS, cond=_BLOCKS, out_dir=PATH, ckpt=PATH, inputs=PATHS, inputs_b=PATHS,
              n=integer(1), draws=integer(1), steps=integer(0), seed=integer(0), noise=ANY, ema=ANY,
-             zoom=integer(0), singles=ANY, out=ANY, latents=ANY, positive=ANY, negative=ANY, direction=ANY,
+             zoom=integer(0), singles=ANY, out=PATH, latents=PATH, positive=PATHS, negative=PATHS, direction=PATH,
              strength=Rule('a tuple of numbers, e.g. (0, 1, 2)', lambda v: len(v) > 0 and all(
                  isinstance(a, (int, float)) and not isinstance(a, bool) for a in v)),
-             lpips=at_least(0), pixel=at_least(0), project_lr=above(0), vgg_backbone=ANY, lpips_vgg=ANY, device=ANY)
+             lpips=at_least(0), pixel=at_least(0), project_lr=above(0), vgg_backbone=PATH, lpips_vgg=PATH, device=ANY)
 
 
 # --------------------------------------------------------------------------------------------
 # Inputs
 
-def image_paths(spec):
-    """A folder's images (sorted) or comma-separated files."""
+def image_paths(spec, flag='--inputs'):
+    """A folder's images (sorted) or comma-separated files; `flag` is the option that gave them."""
     if os.path.isdir(spec):
-        return data.list_images(spec)
+        try:
+            return data.list_images(spec)
+        except ValueError as e:                                 # a folder without images
+            raise SystemExit(f'error: {flag}: {e}') from None
     paths = [p for p in spec.split(',') if p]
     missing = [p for p in paths if not os.path.exists(p)]
-    if missing:
-        raise SystemExit(f'error: --inputs: {missing[0]!r} is neither a folder nor a file')
+    if missing or not paths:
+        raise SystemExit(f'error: {flag}: {(missing or [spec])[0]!r} is neither a folder nor a file')
     return paths
 
 
-def read_images(spec, res, crop=None):
+def read_images(spec, res, crop=None, flag='--inputs'):
     """Images from a folder, comma-separated files or a list of paths, as (B, 3, res, res) in [-1, 1],
     and their paths: centre crop and resize, or with `crop` the authors' resize -> crop -> resize
     (their models). Unreadable files are skipped with a warning; none readable is an error."""
-    paths = spec if isinstance(spec, list) else image_paths(spec)
+    paths = spec if isinstance(spec, list) else image_paths(spec, flag)
     images, names = [], []
     for p in paths:
         try:
@@ -102,7 +105,7 @@ def read_images(spec, res, crop=None):
         except Exception as e:                                  # noqa: BLE001 (any decoder failure)
             warnings.warn(f'skipping {p}: {type(e).__name__}: {e}')
     if not images:
-        raise SystemExit(f'error: none of the inputs could be read ({spec!r})')
+        raise SystemExit(f'error: {flag}: none of the images could be read ({spec!r})')
     return data.to_float(torch.stack(images)), names
 
 
@@ -193,8 +196,12 @@ def interp_grid(net, corners, steps, noise=False):
     return rows
 
 
-def save_grid(rows, path, res, zoom=0):
-    """Rows of (k, 3, res, res) images in [-1, 1] -> one PNG, tiles enlarged (nearest) by zoom."""
+LABEL_HEIGHT = 14              # px of the strip above a grid whose columns have labels
+
+
+def save_grid(rows, path, res, zoom=0, labels=None):
+    """Rows of (k, 3, res, res) images in [-1, 1] -> one PNG, tiles enlarged (nearest) by zoom; with
+    `labels`, one text per column in a strip above."""
     cols = max(len(r) for r in rows)
     blank = -torch.ones_like(rows[0][:1])
     tiles = torch.cat([torch.cat([r, blank.expand(cols - len(r), -1, -1, -1)]) for r in rows])
@@ -202,6 +209,15 @@ def save_grid(rows, path, res, zoom=0):
     tiles = F.interpolate(tiles.clamp(-1, 1), scale_factor=zoom, mode='nearest') if zoom > 1 else tiles.clamp(-1, 1)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     save_image(tiles.add(1).div(2), path, nrow=cols, padding=2)
+    if labels:
+        from PIL import Image, ImageDraw
+        grid = Image.open(path).convert('RGB')
+        out = Image.new('RGB', (grid.width, grid.height + LABEL_HEIGHT), 'white')
+        out.paste(grid, (0, LABEL_HEIGHT))
+        draw, step = ImageDraw.Draw(out), tiles.shape[-1] + 2
+        for j, text in enumerate(labels):
+            draw.text((2 + j * step + 2, 1), str(text), fill='black')
+        out.save(path)
     return tiles
 
 
@@ -234,13 +250,13 @@ def edit_grid(net, x, direction, strengths, blocks, noise=False):
 
 
 def project(net, x, steps, lpips=None, lpips_weight=1.0, pixel_weight=1.0, lr=0.01, report=(0, 10, 30, 100, 300),
-            keep=False):
+            keep=False, say=None):
     """Refine the encoder's latents of x by Adam on lpips_weight LPIPS + pixel_weight MSE. Starts
     from the encoder's z repeated per block (the per-block latents of Eq. 5-9, this model's W+);
     each block's latent is kept on the sphere (normalized in the forward). Returns the refined
     (B, n_blocks, nz) latents and [(step, seconds, loss, pixel L1)] at the `report` steps and the last
     one, with keep=True also the latents of that step; the seconds include the encoder's pass (step 0
-    is the encoder alone)."""
+    is the encoder alone). say(line), if given, gets each of those rows as it is reached."""
     was = [p.requires_grad for p in net.parameters()]
     net.requires_grad_(False)
     start = time.time()
@@ -250,13 +266,15 @@ def project(net, x, steps, lpips=None, lpips_weight=1.0, pixel_weight=1.0, lr=0.
     opt = torch.optim.Adam([w], lr=lr)
     history = []
     for step in range(steps + 1):
-        y = net.decode(F.normalize(w, dim=-1), noise=False)
+        y = net.decode(F.normalize(w, dim=-1), noise=False, grad=True)
         loss = pixel_weight * (y - x).pow(2).mean((1, 2, 3))
         if lpips is not None and lpips_weight > 0:
             loss = loss + lpips_weight * lpips(y, x)
         if step in report or step == steps:
             history.append((step, time.time() - start, loss.mean().item(), (y - x).abs().mean().item())
                            + ((F.normalize(w.detach(), dim=-1).clone(),) if keep else ()))
+            if say:
+                say('step {:5d} | {:7.2f} s | loss {:.4f} | pixel L1 {:.4f}'.format(*history[-1][:4]))
         if step == steps:
             break
         opt.zero_grad(set_to_none=True)
@@ -274,9 +292,8 @@ def lpips_for_projection(cfg, weight_flag='--lpips'):
     try:
         return losses.LPIPS('vgg', cfg['vgg_backbone'], cfg['lpips_vgg'])
     except (FileNotFoundError, losses.MissingWeights) as e:
-        raise SystemExit(f'error: projection with LPIPS needs its VGG weights, which could not be loaded '
-                         f'({str(e).splitlines()[0][:300]}); pass --vgg_backbone=PATH and --lpips_vgg=PATH, '
-                         f'or {weight_flag}=0 for the pixel term alone') from None
+        raise SystemExit(f'error: projection with LPIPS needs its VGG weights: {str(e).splitlines()[0]}; or '
+                         f'{weight_flag}=0 for the pixel term alone') from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -299,7 +316,8 @@ def load_latents(path, net):
     except FileNotFoundError:
         raise SystemExit(f'error: no latents file at {path}; write one with --mode=encode --inputs=DIR') from None
     except Exception as e:                                      # noqa: BLE001 (not a torch file)
-        raise SystemExit(f'error: could not read {path} as a latents file ({type(e).__name__})') from None
+        raise SystemExit(f'error: --latents={path} is not a torch file ({type(e).__name__}); write a latents file '
+                         f'with --mode=encode --inputs=DIR') from None
     if not isinstance(found, dict) or not found or not all(torch.is_tensor(v) for v in found.values()):
         raise SystemExit(f'error: {path} is not a latents file: expected {{name: tensor}}, got {type(found).__name__}')
     out = []
@@ -316,9 +334,9 @@ def latent_name(path, spec):
 
 
 @torch.no_grad()
-def encode_all(net, spec, crop=None, batch=32):
+def encode_all(net, spec, crop=None, batch=32, flag='--inputs'):
     """{name: z} for every readable image of `spec` (a folder or files), a batch at a time."""
-    paths, found = image_paths(spec), {}
+    paths, found = image_paths(spec, flag), {}
     for i in range(0, len(paths), batch):
         try:
             x, names = read_images(paths[i:i + batch], net.res, crop)
@@ -327,7 +345,7 @@ def encode_all(net, spec, crop=None, batch=32):
         for name, z in zip(names, net.encode(x.to(net.const_device()))):
             found[latent_name(name, spec)] = z
     if not found:
-        raise SystemExit(f'error: none of the inputs could be read ({spec!r})')
+        raise SystemExit(f'error: {flag}: none of the images could be read ({spec!r})')
     return found
 
 
@@ -335,7 +353,8 @@ def write_direction(net, cfg):
     """--mode=direction: mean latent of --positive minus that of --negative, to --out."""
     if not (cfg['positive'] and cfg['negative']):
         raise SystemExit('error: --mode=direction needs --positive=DIR (with the attribute) and --negative=DIR')
-    pos, neg = (torch.stack(list(encode_all(net, cfg[k], net.input_crop).values())) for k in ('positive', 'negative'))
+    pos, neg = (torch.stack(list(encode_all(net, cfg[k], net.input_crop, flag=f'--{k}').values()))
+                for k in ('positive', 'negative'))
     target = cfg['out'] or os.path.join(cfg['out_dir'], 'direction.pt')
     save_latents(pos.mean(0) - neg.mean(0), target)
     print(f'wrote {target} (mean latent of {len(pos)} positive minus {len(neg)} negative images; '
@@ -348,6 +367,9 @@ def load_direction(path, net):
         d = torch.load(path, map_location='cpu', weights_only=True)
     except FileNotFoundError:
         raise SystemExit(f'error: no direction file at {path!r}; make one with --mode=direction') from None
+    except Exception as e:                                      # noqa: BLE001 (not a torch file)
+        raise SystemExit(f'error: --direction={path} is not a torch file ({type(e).__name__}); make a direction '
+                         f'with --mode=direction') from None
     if not torch.is_tensor(d) or tuple(d.shape) != (net.cfg.nz,):
         got = tuple(d.shape) if torch.is_tensor(d) else type(d).__name__
         raise SystemExit(f'error: {path} is not a direction for this checkpoint: expected a tensor of shape '
@@ -363,7 +385,7 @@ def mix_rows(net, cfg, x, names):
     spec, k = (cfg['mix'], cfg['n']) if cfg['mode'] == 'mix' else (f'0:{model.INVARIANCE_K}', cfg['n'])
     blocks = blocks_of(net, spec)
     if cfg['inputs_b']:
-        a, b = x[:k], read_images(cfg['inputs_b'], net.res, net.input_crop)[0][:k].to(x.device)
+        a, b = x[:k], read_images(cfg['inputs_b'], net.res, net.input_crop, '--inputs_b')[0][:k].to(x.device)
     elif len(x) > k:
         a, b = x[:k], x[k:2 * k]
     else:
@@ -385,7 +407,7 @@ def decode_rows(net, cfg, x, names):
                             for i in range(0, len(z), 32)])
     cols = min(8, len(images))
     rows = [images[i:i + cols] for i in range(0, len(images), cols)]
-    return rows, os.path.splitext(os.path.basename(path))[0], names     # --singles names tiles by latent
+    return rows, os.path.splitext(os.path.basename(path))[0], dict(tiles=names)   # --singles names tiles by latent
 
 
 def edit_rows(net, cfg, x, names):
@@ -393,16 +415,16 @@ def edit_rows(net, cfg, x, names):
     rows = edit_grid(net, x, load_direction(cfg['direction'], net), cfg['strength'], blocks_of(net, cfg['mix']),
                      cfg['noise'])
     strengths = '_'.join(f'{v:g}' for v in cfg['strength'])
-    return rows, f'{os.path.splitext(os.path.basename(cfg["direction"]))[0]}_{cfg["mix"].replace(":", "-")}_s{strengths}'
+    labels = ['input'] + [f'{v:+g}' if v else '0' for v in cfg['strength']]           # the strength above each column
+    return (rows, f'{os.path.splitext(os.path.basename(cfg["direction"]))[0]}_{cfg["mix"].replace(":", "-")}_s{strengths}',
+            dict(labels=labels))
 
 
 def project_rows(net, cfg, x, names):
     """Inputs, their encoder reconstructions, then the per-block latents refined by optimisation."""
     lpips = lpips_for_projection(cfg)
     refined, history = project(net, x, cfg['steps'] or 100, lpips.to(x.device) if lpips else None, cfg['lpips'],
-                               cfg['pixel'], cfg['project_lr'])
-    for step, seconds, loss, l1 in history:
-        print(f'step {step:5d} | {seconds:7.2f} s | loss {loss:.4f} | pixel L1 {l1:.4f}')
+                               cfg['pixel'], cfg['project_lr'], say=lambda line: print(line, flush=True))
     path = cfg['latents'] or os.path.join(cfg['out_dir'], 'latents.pt')
     save_latents(dict(zip(names, refined)), path)
     print(f'wrote {path} ({len(x)} per-block latents)')
@@ -422,7 +444,7 @@ def interp_rows(net, cfg, x, names):
 
 
 # mode -> (inputs it reads, given n; the function that makes its rows, a word for the file name and,
-# optionally, names for the --singles tiles)
+# optionally, {'tiles': names of the --singles tiles, 'labels': texts above the columns})
 GRIDS = {
     'mix': (lambda n: 2 * n, mix_rows),
     'invariance': (lambda n: 2 * n, mix_rows),
@@ -464,10 +486,11 @@ def grid_inputs(net, cfg, path, count):
     return x[:count].to(net.const_device()), names[:count]
 
 
-def write_grid_files(rows, names, cfg, target, res):
-    """The grid PNG, and with --singles every tile as its own PNG under out_dir/<mode>/ (named by
-    `names`, else numbered)."""
-    save_grid(rows, target, res, cfg['zoom'])
+def write_grid_files(rows, extra, cfg, target, res):
+    """The grid PNG (with extra['labels'] above its columns), and with --singles every tile as its own
+    PNG under out_dir/<mode>/ (named by extra['tiles'], else numbered)."""
+    save_grid(rows, target, res, cfg['zoom'], extra.get('labels'))
+    names = extra.get('tiles', [])
     if cfg['singles']:
         folder = os.path.join(cfg['out_dir'], cfg['mode'])
         os.makedirs(folder, exist_ok=True)
@@ -478,10 +501,13 @@ def write_grid_files(rows, names, cfg, target, res):
 
 def main(cfg):
     """Load the checkpoint, run the mode, write its file; returns the file's path."""
+    cfg = clean(cfg, RULES)                                   # paths: ~ and $VARS expanded
     check(cfg, RULES)
     path = cfg['ckpt'] or os.path.join(cfg['out_dir'], 'ckpt.pt')
     try:
         net = model.load_checkpoint(path, ema=cfg['ema'], device=model.resolve_device(cfg['device']))
+    except model.NotCached as e:
+        raise SystemExit(f'error: {e.advice("--ckpt=")}') from None
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f'error: {e}')
     if cfg['mode'] == 'encode':
@@ -494,11 +520,11 @@ def main(cfg):
     count, make_rows = GRIDS[cfg['mode']]
     x, names = grid_inputs(net, cfg, path, count(cfg['n'])) if count(cfg['n']) else (None, [])
     try:
-        rows, detail, *tiles = make_rows(net, cfg, x, names)
+        rows, detail, *extra = make_rows(net, cfg, x, names)
     except ValueError as e:                                   # a block range this checkpoint does not have
         raise SystemExit(f'error: {e}')
     target = cfg['out'] or os.path.join(cfg['out_dir'], f"{cfg['mode']}_{detail}.png")
-    write_grid_files(rows, tiles[0] if tiles else [], cfg, target, net.res)
+    write_grid_files(rows, extra[0] if extra else {}, cfg, target, net.res)
     print(f'wrote {target} ({cfg["mode"]}, {net.res}x{net.res} checkpoint at {path})')
     return target
 

@@ -256,6 +256,7 @@ def test_block_groups_follow_the_paper():
     assert list(M.block_range('intermediate', 7)) == [2, 3]      # 16-32
     assert list(M.block_range('fine', 7)) == [4, 5, 6]           # 64-256
     assert list(M.block_range('intermediate', 3)) == [2]         # cut short at 16x16
+    assert M.block_range('2:4', 3) == M.block_range('intermediate', 3)   # a range is cut short as a group is
     assert list(M.block_range('0:2', 7)) == [0, 1] and list(M.block_range('3:', 7)) == [3, 4, 5, 6]
 
 
@@ -479,11 +480,19 @@ def test_released_models_resolve_through_the_hub_cache(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError) as e:
         M.load_checkpoint('ffhq256')
     assert url in str(e.value) and str(cached) in str(e.value) and calls == [(url, str(cached))]
+    assert "load_checkpoint('/path/to/34740000_state.pth')" in str(e.value)         # each caller in its own words
+    import hubconf
+    import train as T
+    with pytest.raises(FileNotFoundError, match=r"checkpoint='/path/to/34740000_state.pth'\)"):
+        hubconf.ffhq256()
+    assert '--init_from=/path/to/34740000_state.pth' in _error_of(T.settings, given={'init_from': 'ffhq256'})
+    assert '--ckpt=/path/to/34740000_state.pth' in _error_of(_sample, ckpt='ffhq256')
+    calls.clear()
     write_authors_checkpoint(str(cached), phase=0)
     for name in ('ffhq256', '34740000_state.pth'):
         net = M.load_checkpoint(name)
         assert net.res == 4 and net.path == str(cached) and net.config == {'dataset': 'ffhq'}
-    assert len(calls) == 1
+    assert calls == []                                                    # once cached, never fetched again
 
 
 def test_hubconf_loads_what_load_checkpoint_loads(tmp_path, monkeypatch, tiny_ckpt):
@@ -501,6 +510,22 @@ def test_hubconf_loads_what_load_checkpoint_loads(tmp_path, monkeypatch, tiny_ck
     entries = {n for n in dir(hubconf) if callable(getattr(hubconf, n)) and not n.startswith('_')}
     assert entries == {'automodulator', *M.RELEASED} and hubconf.dependencies == ['torch', 'torchvision', 'numpy', 'scipy']
     assert 'FFHQ model at 256x256' in hubconf.ffhq256.__doc__            # what torch.hub.help prints
+    monkeypatch.chdir(tiny_ckpt.parent)                                   # a relative path: the caller's directory
+    assert hubconf.automodulator(f'{tiny_ckpt.name}/ckpt.pt').res == 16
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / 'out' / 'ckpt.pt'))):
+        hubconf.automodulator()                                           # and the error says where it looked
+
+
+def test_eval_mode_encode_and_decode_keep_no_graph_unless_asked(tiny_ckpt):
+    net = M.load_checkpoint(str(tiny_ckpt / 'ckpt.pt'))
+    x, z = torch.zeros(2, 3, 16, 16), z_of(net, 2)
+    assert not net.encode(x).requires_grad and not net.decode(z).requires_grad and not net.reconstruct(x).requires_grad
+    w = z.clone().requires_grad_(True)
+    net.decode(w, grad=True).sum().backward()                             # e.g. to optimise latents
+    assert w.grad is not None and w.grad.abs().sum() > 0
+    net.train()
+    assert net.encode(x).requires_grad and not net.encode(x, grad=False).requires_grad
 
 
 def test_sample_and_metrics_take_an_authors_checkpoint(tmp_path):
@@ -1219,8 +1244,15 @@ def test_train_fine_tunes_from_a_checkpoint_at_its_resolution(tiny_ckpt, tmp_pat
     out = tmp_path / 'ft'
     ft = dict(init_from=str(tiny_ckpt / 'ckpt.pt'), dataset='folder', data_root=str(root), out_dir=str(out),
               batch_size=8, lr=1e-12, total_kimg=0.008, log_every=0.008)       # one step that moves nothing
-    cfg = T.settings(ft)
+    said = []
+    cfg = T.settings(ft, say=said.append)
     assert (cfg['max_res'], cfg['nz'], cfg['width'], cfg['authors']) == (16, 32, 1 / 16, True)
+    # each training setting that differs from the source run's, and where the new value comes from
+    for line in ('lambda_x_dec 10.0 -> 0.0 (the folder preset)', 'ema_decay 0.9 -> 0.999 (the folder preset)',
+                 'lambda_j 0.0 -> 10.0 (the folder preset)', 'beta1_dec 0.5 -> 0.0 (the folder preset)',
+                 "dataset 'shapes' -> 'folder' (--dataset)", 'total_kimg 0.12 -> 0.008 (--total_kimg)'):
+        assert f'fine-tune: {line}' in said, line
+    assert not any(line.startswith(('fine-tune: nz', 'fine-tune: width', 'fine-tune: max_res')) for line in said)
     T.main(cfg)
     ck = torch.load(out / 'ckpt.pt', weights_only=True)
     assert [r['res'] for r in _log(out)] == [16] and ck['start_res'] == 16 and ck['step'] == 1
@@ -1378,6 +1410,26 @@ def test_every_setting_of_every_script_has_a_rule():
     import train as T
     for script in (T, S, MT):
         assert set(script.RULES) == set(script.CONFIG_KEYS), script.__name__
+
+
+def test_every_path_setting_expands_home_and_variables(tmp_path, monkeypatch, tiny_ckpt):
+    import configurator as C
+    import metrics as MT
+    import sample as S
+    import train as T
+    monkeypatch.setenv('HOME', str(tmp_path))
+    monkeypatch.setenv('RUNS', str(tiny_ckpt.parent))
+    assert C.PATH.clean('~/a') == str(tmp_path / 'a') and C.PATH.clean('$RUNS/b') == str(tiny_ckpt.parent / 'b')
+    assert C.PATHS.clean('~/a.png,$RUNS/b.png') == f'{tmp_path / "a.png"},{tiny_ckpt.parent / "b.png"}'
+    for script in (T, S, MT):        # a string setting that is not a path would be listed here
+        loose = [k for k in script.CONFIG_KEYS if isinstance(getattr(script, k), str) and script.RULES[k] is C.ANY]
+        assert set(loose) <= {'device', 'wandb_project'}, (script.__name__, loose)
+    (tmp_path / 'photos').mkdir()
+    cfg = T.settings({'dataset': 'folder', 'data_root': '~/photos', 'out_dir': '$RUNS/new', 'cache_dir': '~/c'})
+    assert (cfg['data_root'], cfg['out_dir'], cfg['cache_dir']) == (
+        str(tmp_path / 'photos'), str(tiny_ckpt.parent / 'new'), str(tmp_path / 'c'))
+    out = _sample(out_dir=f'$RUNS/{tiny_ckpt.name}', mode='random', n=2, out='~/r.png')
+    assert out == str(tmp_path / 'r.png') and os.path.exists(out)
 
 
 TRAIN_BAD = [   # (what a user gives, what the one-line error must say)
@@ -1551,7 +1603,44 @@ def test_sample_bad_input(tiny_ckpt, tmp_path):
     assert _png(tmp_path / 'r.png').shape == grid_shape(2, 1)
     (inputs / 'ok.png').unlink()
     with pytest.warns(UserWarning):
-        assert 'none of the inputs' in _error_of(_sample, **run, mode='recon', inputs=str(inputs))
+        assert '--inputs: none of the images could be read' in _error_of(_sample, **run, mode='recon', inputs=str(inputs))
+    empty, good = tmp_path / 'empty', tmp_path / 'good'
+    empty.mkdir()
+    (empty / 'notes.txt').write_text('no images here')
+    good.mkdir()
+    Image.new('RGB', (16, 16), (10, 200, 10)).save(good / 'g.png')
+    for mode, flag in (('encode', 'inputs'), ('project', 'inputs'), ('direction', 'negative')):
+        text = _error_of(_sample, **run, mode=mode, lpips=0.0, **{flag: str(empty)}, positive=str(good))
+        assert f'--{flag}: no images' in text and str(empty) in text
+    junk = tmp_path / 'junk.pt'
+    junk.write_bytes(b'not a torch file')
+    assert f'--direction={junk} is not a torch file' in _error_of(_sample, **run, mode='edit', direction=str(junk))
+    assert f'--latents={junk} is not a torch file' in _error_of(_sample, **run, mode='decode', latents=str(junk))
+    text = _error_of(_sample, **run, mode='project', vgg_backbone=str(junk), lpips_vgg=str(tmp_path / 'no.pth'))
+    assert '2 weight files are missing' in text and f'--vgg_backbone={junk}' in text and '--lpips_vgg=' in text
+
+
+def test_what_a_new_user_hit_reads_sensibly(tiny_ckpt, tmp_path, capsys):
+    import configurator as C
+    import train as T
+    from PIL import Image
+    line = T.progress_line(0.12, 16, 0.25, {'recon': 1.0}, 75.0, 0.0, 0.0, torch.device('cpu'), digits=3)
+    assert line.startswith('kimg    0.120 |')                 # --log_every=0.001: lines 0.001 kimg apart differ
+    with pytest.raises(SystemExit, match="expected an integer like 128"):
+        C._parse('nz', 128, '1.5')
+    with pytest.raises(SystemExit):
+        C.configure(vars(T), T.CONFIG_KEYS, ['--help'])
+    assert 'float32 | bfloat16 | float16 (+ GradScaler) | auto (bfloat16 where native, else float32)' in capsys.readouterr().out
+    folder = tmp_path / 'four'
+    folder.mkdir()
+    for k in range(4):
+        Image.new('RGB', (16, 16), (60 * k, 90, 30)).save(folder / f'{k}.png')
+    out = _sample(out_dir=str(tiny_ckpt), mode='recon', inputs=str(folder), n=2, out=str(tmp_path / 'r.png'))
+    assert _png(out).shape == grid_shape(2, 2)                 # --n of the inputs, not all of them
+    capsys.readouterr()
+    two = f'{folder / "0.png"},{folder / "1.png"}'
+    out = _sample(out_dir=str(tiny_ckpt), mode='mix', inputs=two, out=str(tmp_path / 'm.png'))
+    assert 'the grid mixes them with each other' in capsys.readouterr().out and _png(out).shape == grid_shape(3, 3)
 
 
 def test_sample_latents_as_files_encode_then_decode(tiny_ckpt, tmp_path):
@@ -1617,8 +1706,11 @@ def test_sample_direction_edit_and_projection(tiny_ckpt, tmp_path):
         assert torch.allclose(rows[0][1], net.reconstruct(x[:1], noise=False)[0], atol=1e-5)   # strength 0
     out = _sample(out_dir=str(tiny_ckpt), mode='edit', direction=path, inputs=str(tmp_path / 'neg'), n=2,
                   strength=(0.0, 1.0, 2.0))
-    assert _png(out).shape == grid_shape(2, 4)                 # --n of the 4 inputs, a row each: itself, 3 strengths
-    assert out.endswith('_s0_1_2.png')                          # the strengths name the file
+    c, h, w = grid_shape(2, 4)                                 # --n of the 4 inputs, a row each: itself, 3 strengths
+    image = _png(out)
+    assert image.shape == (c, h + S.LABEL_HEIGHT, w) and out.endswith('_s0_1_2.png')   # the strengths name the file
+    strip = image[:, :S.LABEL_HEIGHT] < 128                    # ... and label the columns: text in each column's strip
+    assert all(strip[:, :, 2 + j * 66:2 + (j + 1) * 66].any() for j in range(4)) and (image[:, :S.LABEL_HEIGHT] > 200).any()
     torch.save(torch.ones(5), tmp_path / 'short.pt')
     assert 'expected a tensor of shape (32,), got (5,)' in _error_of(
         _sample, out_dir=str(tiny_ckpt), mode='edit', direction=str(tmp_path / 'short.pt'))
@@ -1626,6 +1718,14 @@ def test_sample_direction_edit_and_projection(tiny_ckpt, tmp_path):
     x = S.test_images({'dataset': 'shapes'}, 16, 4)
     refined, history = S.project(net, x, 30, lpips=None, lr=0.01, report=(0, 10))
     assert [h[0] for h in history] == [0, 10, 30] and history[-1][2] < history[0][2]
+
+    class Seen(Exception):
+        pass
+
+    def stop_at_first(line):                                   # the first line comes at step 0, not after the last
+        raise Seen(line)
+    with pytest.raises(Seen, match=r'^step     0 \|'):
+        S.project(net, x, 30, lpips=None, say=stop_at_first)
     with torch.no_grad():
         l1_enc = (net.reconstruct(x, noise=False) - x).abs().mean()
         l1_refined = (net.decode(refined, noise=False) - x).abs().mean()
@@ -1757,7 +1857,7 @@ def test_reconstruction_score_reads_a_perfect_a_mirroring_and_a_circle_drawing_a
     assert circles['shape_by_class'] == dict(circle=1.0, square=0.0, triangle=0.0), circles['shape_by_class']
 
 
-def test_metrics_on_a_tiny_checkpoint(tiny_ckpt, tmp_path):
+def test_metrics_on_a_tiny_checkpoint(tiny_ckpt, tmp_path, capsys):
     import metrics as MT
     net = M.load_checkpoint(str(tiny_ckpt / 'ckpt.pt'))
     backbone, heads = _lpips_weights('vgg')
@@ -1768,13 +1868,16 @@ def test_metrics_on_a_tiny_checkpoint(tiny_ckpt, tmp_path):
            'inception': f'{tmp_path}/inception.pth', 'stats_dir': f'{tmp_path}/stats'}
     MT.main({**cfg, 'metric': 'fid', 'fid_count': 16})
     assert os.listdir(tmp_path / 'stats') == ['shapes_train_16px_16.npz']
+    capsys.readouterr()
     MT.main({**cfg, 'metric': 'mix', 'mix_count': 32})
+    said = capsys.readouterr().out                             # the table and where the record went, not the JSON
+    assert f'appended to {tiny_ckpt / "metrics.jsonl"}' in said and '{"' not in said and 'coarse' in said
     records = [json.loads(line) for line in open(tiny_ckpt / 'metrics.jsonl')]
     assert [rec['metric'] for rec in records[-2:]] == ['fid16', 'mix32']
     assert math.isfinite(records[-2]['value']) and set(records[-1]['value']) == {'reconstruction', 'coarse', 'intermediate'}
     report = MT.main({**cfg, 'metric': 'mix', 'mix_count': 32, 'shapes_range': 'report'})   # other scenes
     assert 'report range' in report['protocol'] and report['value'] != records[-1]['value']
-    with pytest.raises(FileNotFoundError, match='--inception=/nonexistent.pth does not exist; download .*pt_inception-2015-12-05-6726825d.pth'):
+    with pytest.raises(L.MissingWeights, match='--inception=/nonexistent.pth does not exist; download .*pt_inception-2015-12-05-6726825d.pth'):
         MT.main({**cfg, 'metric': 'fid_rec', 'inception': '/nonexistent.pth'})
     inv = MT.invariance_score(net, count=24, batch=12)
     assert set(inv) == {'swap', 'recon', 'pixels'} and all(0 <= v <= 1 for row in ('swap', 'recon') for v in inv[row].values())
@@ -1797,9 +1900,10 @@ def test_precision_recall_equals_a_direct_count():
     assert MT.precision_recall(real, real) == dict(precision=1.0, recall=1.0)
 
 
-def test_metrics_between_two_folders(tiny_ckpt, tmp_path):
+def test_metrics_between_two_folders(tiny_ckpt, tmp_path, capsys):
     from PIL import Image
     import metrics as MT
+    from losses import MissingWeights
     folder = tmp_path / 'imgs'
     folder.mkdir()
     g = np.random.default_rng(1)
@@ -1809,9 +1913,13 @@ def test_metrics_between_two_folders(tiny_ckpt, tmp_path):
     torch.save(_torchvision_inception_state().state_dict(), tmp_path / 'inception.pth')
     cfg = {**{k: getattr(MT, k) for k in MT.CONFIG_KEYS}, 'out_dir': str(tmp_path / 'out'), 'batch': 4,
            'folder_a': str(folder), 'folder_b': str(folder), 'folder_res': 32, 'inception': str(tmp_path / 'inception.pth')}
-    with pytest.warns(UserWarning, match='broken.png'):
+    with pytest.warns(UserWarning) as caught:
         fid = MT.main({**cfg, 'metric': 'fid'})
     assert fid['metric'] == 'fid6' and abs(fid['value']) < 1e-6 and fid['images_a'] == fid['images_b'] == 6
+    said = [str(w.message) for w in caught]
+    assert any('broken.png' in m for m in said)
+    assert any('holds 7 images; FID and precision/recall from fewer than 2048' in m for m in said)
+    assert re.search(r'features of .*: 7/7 ', capsys.readouterr().err)      # progress counts the folder, not 50,000
     with pytest.warns(UserWarning):
         pr = MT.main({**cfg, 'metric': 'pr'})
     assert pr['value'] == dict(precision=1.0, recall=1.0)
@@ -1828,6 +1936,14 @@ def test_metrics_between_two_folders(tiny_ckpt, tmp_path):
     with pytest.warns(UserWarning):
         assert 'none of the 1 images under' in _error_of(measure, folder_b=str(empty))
     assert 'needs both --folder_a=DIR' in _error_of(measure, folder_b='')
+    (empty / 'broken.png').unlink()                            # both folders are checked before any weights load
+    text = _error_of(measure, folder_b=str(empty), inception=str(tmp_path / 'missing.pth'))
+    assert text.startswith('error: --folder_b: no images')
+    assert _error_of(measure, folder_a=str(tmp_path / 'nope')) == f'error: --folder_a={tmp_path / "nope"} is not a folder'
+    other = tmp_path / 'other.pth'
+    torch.save({'conv.weight': torch.ones(1)}, other)
+    with pytest.raises(MissingWeights, match=f'--inception={other} does not hold the weights expected here'):
+        MT.load_inception({'inception': str(other)}, torch.device('cpu'))
     assert '--metric=ppl needs a checkpoint' in _error_of(measure, metric='ppl')
 
 

@@ -32,8 +32,8 @@ from torchvision.utils import save_image
 import data
 import losses
 import model
-from configurator import (ANY, Rule, above, at_least, between, check, configure, integer, one_of, per_resolution,
-                          power_of_two)
+from configurator import (ANY, PATH, Rule, above, at_least, between, check, clean, configure, expand_path, integer,
+                          one_of, per_resolution, power_of_two)
 
 # --------------------------------------------------------------------------------------------
 # The values of `python train.py`: the embedded `shapes` data set, sized for a CPU. The real-data
@@ -121,7 +121,7 @@ PRESETS = {
 
 # What each setting may be; `settings` checks all of them before anything runs.
 RULES = dict(
-    dataset=one_of(*data.DATASETS), data_root=ANY, cache_dir=ANY, test_fraction=between(0, 1, open_hi=True),
+    dataset=one_of(*data.DATASETS), data_root=PATH, cache_dir=PATH, test_fraction=between(0, 1, open_hi=True),
     num_workers=integer(0),
     max_res=power_of_two(4, 1024), arch=one_of(*model.WIDTHS), width=between(1 / 64, 4), nz=integer(2),
     noise=one_of('channel', 'shared', 'none'), authors=ANY, extra_kl=ANY, upper_clamp=ANY,
@@ -133,8 +133,8 @@ RULES = dict(
     beta1=between(0, 1, open_hi=True), beta1_dec=between(0, 1, open_hi=True),
     mix_ratio=between(0, 1), ema_decay=between(0, 1),
     device=ANY, dtype=one_of('auto', *model.DTYPES), compile=ANY, channels_last=ANY, seed=integer(0),
-    out_dir=ANY, init_from=Rule("'scratch', 'resume', or a checkpoint to fine-tune (a path or a released model's name)",
-                                lambda v: isinstance(v, str) and v != ''),
+    out_dir=PATH, init_from=Rule("'scratch', 'resume', or a checkpoint to fine-tune (a path or a released model's name)",
+                                 lambda v: isinstance(v, str) and v != '', expand_path),
     log_every=above(0), sample_every=at_least(0), ckpt_every=at_least(0), snapshot_every=at_least(0),
     dry_run=ANY, wandb_log=ANY, wandb_project=ANY,
     **{k: at_least(0) for k in CONFIG_KEYS if k.startswith('lambda_')},    # loss weights
@@ -249,6 +249,8 @@ def fine_tune_source(name):
     """The checkpoint a fine-tune starts from, as model.load_checkpoint gives it (EMA decoder)."""
     try:
         return model.load_checkpoint(name)
+    except model.NotCached as e:
+        _fail(e.advice('--init_from='))
     except (FileNotFoundError, ValueError) as e:
         _fail(f'--init_from={name!r} is not scratch or resume, so it names a checkpoint to fine-tune, and: {e}')
 
@@ -261,8 +263,9 @@ def architecture_settings(net):
                 invariance='flip' if c.extra_8x8 else '', max_res=net.res)
 
 
-def fine_tune_settings(net, given):
-    """A new run from `net`'s weights: its architecture, at its resolution or above; the rest as usual."""
+def fine_tune_settings(net, given, say=print):
+    """A new run from `net`'s weights: its architecture, at its resolution or above; the rest as usual
+    (the data set's preset, then `given`), each training setting that differs from net's run printed."""
     source = architecture_settings(net)
     name = given['init_from']
     for key in FROM_CHECKPOINT:
@@ -273,7 +276,15 @@ def fine_tune_settings(net, given):
         _fail(f'--max_res={given["max_res"]} is below the {source["max_res"]}x{source["max_res"]} of {name}; a '
               f'fine-tune starts at its checkpoint\'s resolution (give --max_res={source["max_res"]} or more)')
     base = {**preset(given.get('dataset', DEFAULTS['dataset'])), **source}
-    return {**base, **expand(given, base)}
+    cfg = {**base, **expand(given, base)}
+    trained = {k: v for k, v in net.config.items() if k in CONFIG_KEYS and k not in ('init_from', 'out_dir', 'dry_run')}
+    if not trained:
+        say(f"fine-tune: {name} records no training settings (the authors' files do not); the "
+            f"{cfg['dataset']} preset and the command line give them")
+    for key in sorted(k for k in trained if cfg[k] != trained[k]):
+        why = f'--{key}' if key in given else f"the {cfg['dataset']} preset"
+        say(f'fine-tune: {key} {trained[key]!r} -> {cfg[key]!r} ({why})')
+    return cfg
 
 
 def preset(dataset):
@@ -292,6 +303,7 @@ def resolve(given, say=print):
     unknown = sorted(set(given) - set(CONFIG_KEYS))
     if unknown:
         _fail(f'unknown setting {unknown[0]!r} (see python train.py --help)')
+    given = clean(given, RULES)                               # paths: ~ and $VARS expanded
     start = {**DEFAULTS, **given}
     check({k: start[k] for k in ('dataset', 'init_from', 'out_dir')}, RULES)
     if start['init_from'] == 'resume':
@@ -299,7 +311,7 @@ def resolve(given, say=print):
         cfg.update({k: start[k] for k in ('init_from', 'out_dir', 'dry_run')})    # the folder may have moved
         return cfg
     if start['init_from'] != 'scratch':
-        return fine_tune_settings(fine_tune_source(start['init_from']), given)
+        return fine_tune_settings(fine_tune_source(start['init_from']), given, say)
     base = preset(start['dataset'])
     return {**base, **expand(given, base)}
 
@@ -618,10 +630,11 @@ def memory_text(dev):
     return f'{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20:.1f}GB rss'
 
 
-def progress_line(kimg, res, alpha, means, rate, eta_phase, eta_run, dev):
-    """kimg | resolution and fade | every logged term by its log.jsonl name | speed | time left | memory."""
+def progress_line(kimg, res, alpha, means, rate, eta_phase, eta_run, dev, digits=1):
+    """kimg | resolution and fade | every logged term by its log.jsonl name | speed | time left | memory.
+    kimg has `digits` decimals (enough that lines --log_every apart differ)."""
     terms = ' '.join(f'{k} {v:.4g}' for k, v in means.items())
-    return (f'kimg {kimg:8.1f} | {res}px a={alpha:.2f} | {terms} | {rate:.0f} img/s {1000 / rate:.1f} s/kimg '
+    return (f'kimg {kimg:8.{digits}f} | {res}px a={alpha:.2f} | {terms} | {rate:.0f} img/s {1000 / rate:.1f} s/kimg '
             f'| eta phase {max(0.0, eta_phase) / 60:.1f}m run ~{max(0.0, eta_run) / 60:.0f}m | {memory_text(dev)}'
             ).rstrip(' |')
 
@@ -791,8 +804,9 @@ def log_progress(r, t, means, p, res, alpha, rate, dev):
     """The progress line, and the same numbers as one line of log.jsonl (and W&B)."""
     kimg = t.images_seen / 1000
     eta_phase = (phase_end(r.table, p, r.end_kimg) - kimg) * 1000 / rate
+    digits = max(1, -math.floor(math.log10(r.cfg['log_every'])))         # 0.001 kimg apart: 3 decimals
     r.say(progress_line(kimg, res, alpha, means, rate, eta_phase,
-                        remaining_seconds(r.table, r.end_kimg, kimg, res, rate), dev))
+                        remaining_seconds(r.table, r.end_kimg, kimg, res, rate), dev, digits))
     if r.master:
         record = dict(kimg=kimg, step=t.step, res=res, alpha=alpha, **means, img_per_s=rate, time=time.time() - r.t_start)
         with open(os.path.join(r.cfg['out_dir'], 'log.jsonl'), 'a') as f:
