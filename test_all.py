@@ -1626,6 +1626,9 @@ def test_what_a_new_user_hit_reads_sensibly(tiny_ckpt, tmp_path, capsys):
     from PIL import Image
     line = T.progress_line(0.12, 16, 0.25, {'recon': 1.0}, 75.0, 0.0, 0.0, torch.device('cpu'), digits=3)
     assert line.startswith('kimg    0.120 |')                 # --log_every=0.001: lines 0.001 kimg apart differ
+    plan = []
+    T.print_plan(T.resolve({}), T.phase_table(16, {4: 0.032, 8: 0.064, 16: 0.064})[0], 0.16, 1, plan.append)
+    assert '    0.032 kimg, batch' in plan[0] and plan[-1] == '  end at 0.160 kimg'   # short phases are not '0.0 kimg'
     with pytest.raises(SystemExit, match="expected an integer like 128"):
         C._parse('nz', 128, '1.5')
     with pytest.raises(SystemExit):

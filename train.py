@@ -647,11 +647,14 @@ def model_config_from(cfg):
 
 
 def print_plan(cfg, table, end_kimg, world, say):
+    """One line per phase: where it starts, how long, its batch, lr and margin; kimg with as many decimals
+    as the shortest phase needs (a 0.032-kimg phase is not '0.0 kimg')."""
+    d = max(1, 1 - math.floor(math.log10(min(length for _, _, length in table))))   # two significant digits
     for res, start, length in table:
         b = cfg['batch_size'][res]
-        say(f'  phase {res:4d}x{res:<4d} from {start:9.1f} kimg, {length:8.1f} kimg, batch {b} x {world} = '
+        say(f'  phase {res:4d}x{res:<4d} from {start:9.{d}f} kimg, {length:8.{d}f} kimg, batch {b} x {world} = '
             f'{b * world}, lr {cfg["lr"][res]}, margin {cfg["margin"][res]}')
-    say(f'  end at {end_kimg:.1f} kimg')
+    say(f'  end at {end_kimg:.{d}f} kimg')
 
 
 def check_enough_images(source, cfg, table, world):
@@ -784,7 +787,7 @@ def enter_phase(r, t, source, res, p, dev, say_so):
                               r.cfg['num_workers'], pin_memory=dev.type == 'cuda')
     if say_so:
         fade = r.table[p][2] * r.cfg['fade']
-        r.say(f'---- phase {p}: {res}x{res} at {t.images_seen / 1000:.1f} kimg, '
+        r.say(f'---- phase {p}: {res}x{res} at {t.images_seen / 1000:g} kimg, '
               + (f'fading in over {fade:g} kimg ----' if fade > 0 else 'no fade-in ----'))
     return loader
 
