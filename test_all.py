@@ -1278,8 +1278,11 @@ def test_train_fine_tunes_an_authors_checkpoint(tmp_path):
     path = tmp_path / '34740000_state.pth'
     write_authors_checkpoint(str(path), phase=1)               # 8x8, their large widths
     theirs = M.load_checkpoint(str(path))
+    said = []
     T.main(T.settings(dict(init_from=str(path), out_dir=str(tmp_path / 'ft'), batch_size=2, lr=1e-12,
-                           total_kimg=0.002, log_every=0.002)))
+                           total_kimg=0.002, log_every=0.002), say=said.append))
+    assert said == [f"fine-tune: {path} records no training settings (the authors' files do not); the shapes "
+                    f"preset and the command line give them"]
     ck = torch.load(tmp_path / 'ft' / 'ckpt.pt', weights_only=True)
     assert ck['res'] == 8 and ck['config']['authors'] and ck['model_config']['nz'] == 512
     assert _close(ck['encoder'], theirs.encoder.state_dict())

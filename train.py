@@ -278,9 +278,10 @@ def fine_tune_settings(net, given, say=print):
     base = {**preset(given.get('dataset', DEFAULTS['dataset'])), **source}
     cfg = {**base, **expand(given, base)}
     trained = {k: v for k, v in net.config.items() if k in CONFIG_KEYS and k not in ('init_from', 'out_dir', 'dry_run')}
-    if not trained:
+    if set(trained) <= {'dataset'}:                            # the authors' files: at most their data set
         say(f"fine-tune: {name} records no training settings (the authors' files do not); the "
             f"{cfg['dataset']} preset and the command line give them")
+        trained = {}
     for key in sorted(k for k in trained if cfg[k] != trained[k]):
         why = f'--{key}' if key in given else f"the {cfg['dataset']} preset"
         say(f'fine-tune: {key} {trained[key]!r} -> {cfg[key]!r} ({why})')
