@@ -633,18 +633,31 @@ RELEASED = {
 
 
 class NotCached(FileNotFoundError):
-    """A released model that is not in torch.hub's cache and could not be downloaded. `advice(how)`
-    says what to do, with `how` the caller's way of passing a file ('--ckpt=', 'checkpoint=')."""
+    """A released file (a model, an attribute direction) that is not in torch.hub's cache and could not
+    be downloaded. `advice(how)` says what to do, with `how` the caller's way of passing a file
+    ('--ckpt=', "checkpoint='")."""
 
-    def __init__(self, name, url, cached, why):
-        self.name, self.url, self.cached, self.why = name, url, cached, why
+    def __init__(self, what, url, cached, why):
+        self.what, self.url, self.cached, self.why = what, url, cached, why
         super().__init__(self.advice("load_checkpoint('"))
 
     def advice(self, how):
         file = os.path.basename(self.cached)
         close = "')" if how.endswith("'") else ''
-        return (f'the released model {self.name!r} is not in the cache and could not be downloaded ({self.why}). '
+        return (f'{self.what} is not in the cache and could not be downloaded ({self.why}). '
                 f'Download {self.url} and put it at {self.cached}, or pass {how}/path/to/{file}{close}')
+
+
+def fetch_once(what, url, file):
+    """The path of `file` in torch.hub's cache, downloaded from `url` the first time; NotCached offline."""
+    cached = os.path.join(torch.hub.get_dir(), 'checkpoints', file)
+    if not os.path.isfile(cached):
+        try:
+            os.makedirs(os.path.dirname(cached), exist_ok=True)
+            torch.hub.download_url_to_file(url, cached, progress=True)
+        except Exception as e:                                   # noqa: BLE001 (no network, HTTP error, ...)
+            raise NotCached(what, url, cached, f'{type(e).__name__}: {e}') from None
+    return cached
 
 
 def resolve_checkpoint(path):
@@ -659,15 +672,7 @@ def resolve_checkpoint(path):
                                 f'out_dir/ckpt.pt), pass the path of another, or name a released model: '
                                 f'{", ".join(RELEASED)}')
     name, (file, *_rest) = release.popitem()
-    cached = os.path.join(torch.hub.get_dir(), 'checkpoints', file)
-    if not os.path.isfile(cached):
-        url = ZENODO.format(file)
-        try:
-            os.makedirs(os.path.dirname(cached), exist_ok=True)
-            torch.hub.download_url_to_file(url, cached, progress=True)
-        except Exception as e:                                   # noqa: BLE001 (no network, HTTP error, ...)
-            raise NotCached(name, url, cached, f'{type(e).__name__}: {e}') from None
-    return cached
+    return fetch_once(f'the released model {name!r}', ZENODO.format(file), file)
 
 
 def _authors_decoder(sd, n, arch):

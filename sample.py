@@ -54,7 +54,7 @@ out = ''                    # output file ('' = out_dir/<mode>_<detail>.png)
 latents = ''                # encode, project: where to write {file name: latent}; decode: what to draw ('' = out_dir/latents.pt)
 positive = ''               # direction: images with the attribute (a folder or files) ...
 negative = ''               # ... and without it; the direction is the difference of their mean latents
-direction = ''              # edit: a direction file from --mode=direction
+direction = ''              # edit: a file from --mode=direction, or the authors' smile, male, dark, left, smile512-16
 strength = (0.0, 0.5, 1.0, 1.5, 2.0)  # edit: steps along the direction, one column each
 lpips = 1.0                 # project: weight of LPIPS (VGG) in the loss (0 = the pixel term alone, no weights needed)
 pixel = 1.0                 # project: weight of the mean squared pixel error
@@ -362,7 +362,24 @@ def write_direction(net, cfg):
     return target
 
 
+# The authors' attribute directions (AaltoVision/automodulator, pioneer/attrib/, MIT): mean latent of
+# exemplars with the attribute minus that of exemplars without, (1, 512), for their FFHQ models. Their
+# torch.hub page edits ffhq512 with smile512-16 (2 x 16 exemplars) on blocks 2:5 (16-64 px) at +0.5 to
+# add a smile and -1.5 to take it away; they document no blocks for the others (--mix picks them).
+ATTRIB_URL = 'https://github.com/AaltoVision/automodulator/raw/master/pioneer/attrib/{}'
+DIRECTIONS = {'smile': 'smile_delta2', 'male': 'male_delta2', 'dark': 'dark_delta2', 'left': 'left_delta2',
+              'smile512-4': 'smile_delta512-4', 'smile512-16': 'smile_delta512-16'}
+
+
 def load_direction(path, net):
+    """A direction file, or one of the authors' by name (DIRECTIONS, fetched once into torch.hub's
+    cache), as an (nz,) tensor on net's device; their (1, nz) files are taken as (nz,)."""
+    if path in DIRECTIONS and not os.path.exists(path):
+        try:
+            path = model.fetch_once(f"the authors' direction {path!r}", ATTRIB_URL.format(DIRECTIONS[path]),
+                                    DIRECTIONS[path])
+        except model.NotCached as e:
+            raise SystemExit(f'error: {e.advice("--direction=")}') from None
     try:
         d = torch.load(path, map_location='cpu', weights_only=True)
     except FileNotFoundError:
@@ -370,6 +387,8 @@ def load_direction(path, net):
     except Exception as e:                                      # noqa: BLE001 (not a torch file)
         raise SystemExit(f'error: --direction={path} is not a torch file ({type(e).__name__}); make a direction '
                          f'with --mode=direction') from None
+    if torch.is_tensor(d) and tuple(d.shape) == (1, net.cfg.nz):     # the authors' files
+        d = d[0]
     if not torch.is_tensor(d) or tuple(d.shape) != (net.cfg.nz,):
         got = tuple(d.shape) if torch.is_tensor(d) else type(d).__name__
         raise SystemExit(f'error: {path} is not a direction for this checkpoint: expected a tensor of shape '

@@ -1649,6 +1649,25 @@ def test_what_a_new_user_hit_reads_sensibly(tiny_ckpt, tmp_path, capsys):
     assert 'the grid mixes them with each other' in capsys.readouterr().out and _png(out).shape == grid_shape(3, 3)
 
 
+def test_authors_directions_load_by_name_through_the_hub_cache(tiny_ckpt, tmp_path, monkeypatch):
+    import sample as S
+    monkeypatch.setattr(torch.hub, 'get_dir', lambda: str(tmp_path / 'hub'))
+
+    def offline(url, dst, progress=True):
+        raise OSError('network is unreachable')
+    monkeypatch.setattr(torch.hub, 'download_url_to_file', offline)
+    run = dict(out_dir=str(tiny_ckpt), mode='edit', n=2, strength=(0.0, 1.0))
+    cached = tmp_path / 'hub' / 'checkpoints' / 'smile_delta2'
+    text = _error_of(_sample, **run, direction='smile')
+    assert S.ATTRIB_URL.format('smile_delta2') in text and str(cached) in text and '--direction=/path/to/smile_delta2' in text
+    delta = torch.randn(1, 32, generator=torch.Generator().manual_seed(3))         # their layout: (1, nz)
+    torch.save(delta, cached)
+    net = M.load_checkpoint(str(tiny_ckpt / 'ckpt.pt'))
+    assert torch.equal(S.load_direction('smile', net), delta[0])
+    assert torch.equal(S.load_direction(str(cached), net), delta[0])             # the file itself, by path
+    assert _sample(**run, direction='smile').endswith('edit_smile_coarse_s0_1.png')
+
+
 def test_sample_latents_as_files_encode_then_decode(tiny_ckpt, tmp_path):
     import sample as S
     from torchvision.utils import save_image
