@@ -13,17 +13,23 @@
     python sample.py --mode=direction --positive=smiling/ --negative=neutral/ --out=smile.pt
     python sample.py --mode=edit --direction=smile.pt --inputs=faces/ --mix=all --strength="(0, 1, 2)"
     python sample.py --mode=project --inputs=faces/ --steps=100   # encoder, then optimisation (Fig. 15)
+    python sample.py --mode=align --inputs=photos/ --out=aligned/    # your photos' faces, cropped as FFHQ's
+    python sample.py --ckpt=ffhq256 --mix coarse --inputs=photos/ --align=ffhq   # align first, then mix
 
 Reads out_dir/ckpt.pt (or --ckpt), decodes with the EMA decoder at the resolution the checkpoint
 reached, and writes one PNG grid into out_dir (its path is printed). Real inputs default to the
 held-out test split of the data set the checkpoint was trained on; --inputs takes a folder or
 comma-separated files, center-cropped and resized as in training (for the authors' released models,
 their own resize -> centre crop -> resize). Face models expect aligned faces, as FFHQ and CelebA-HQ
-are. The functions are importable: encode / mix / decode without the CLI.
+are: --align finds five landmarks per face (MTCNN, or --landmarks) and crops as they were cropped.
+The functions are importable: encode / mix / decode without the CLI.
 """
+import json
 import os
 import time
 import warnings
+
+import numpy as np
 
 import torch
 import torch.nn.functional as F
@@ -61,17 +67,23 @@ pixel = 1.0                 # project: weight of the mean squared pixel error
 project_lr = 0.01           # project: Adam's learning rate on the per-block latents
 vgg_backbone = ''           # project: path of torchvision's vgg16-397923af.pth ('' = official URL)
 lpips_vgg = ''              # project: path of LPIPS v0.1 vgg.pth ('' = official URL)
+align = ''                  # align the faces of --inputs first: ffhq | celebahq ('' = as they are; --mode=align: ffhq)
+res = 256                   # align: the aligned crops' size
+landmarks = ''              # align: a JSON file {image name: five [x, y] points, or a list of them} instead of MTCNN
+all_faces = False           # align: every face of an image, not only the largest
 device = 'auto'             # auto (cuda if available) | cpu | cuda
 CONFIG_KEYS = sorted(set(globals()) - _before - {'_before'})
 
-MODES = ('mix', 'recon', 'random', 'cond', 'interp', 'invariance', 'encode', 'decode', 'direction', 'edit', 'project')
+MODES = ('mix', 'recon', 'random', 'cond', 'interp', 'invariance', 'encode', 'decode', 'direction', 'edit', 'project',
+         'align')
 _BLOCKS = matches(r'coarse|intermediate|fine|all|\d*:\d*', "coarse, intermediate, fine, all or a:b (block indices)")
 RULES = dict(mode=one_of(*MODES), mix=_BLOCKS, cond=_BLOCKS, out_dir=PATH, ckpt=PATH, inputs=PATHS, inputs_b=PATHS,
              n=integer(1), draws=integer(1), steps=integer(0), seed=integer(0), noise=ANY, ema=ANY,
              zoom=integer(0), singles=ANY, out=PATH, latents=PATH, positive=PATHS, negative=PATHS, direction=PATH,
              strength=Rule('a tuple of numbers, e.g. (0, 1, 2)', lambda v: len(v) > 0 and all(
                  isinstance(a, (int, float)) and not isinstance(a, bool) for a in v)),
-             lpips=at_least(0), pixel=at_least(0), project_lr=above(0), vgg_backbone=PATH, lpips_vgg=PATH, device=ANY)
+             lpips=at_least(0), pixel=at_least(0), project_lr=above(0), vgg_backbone=PATH, lpips_vgg=PATH,
+             align=one_of('', *data.ALIGNMENTS), res=integer(8), landmarks=PATH, all_faces=ANY, device=ANY)
 
 
 # --------------------------------------------------------------------------------------------
@@ -91,22 +103,113 @@ def image_paths(spec, flag='--inputs'):
     return paths
 
 
-def read_images(spec, res, crop=None, flag='--inputs'):
+def read_images(spec, res, crop=None, flag='--inputs', faces=None):
     """Images from a folder, comma-separated files or a list of paths, as (B, 3, res, res) in [-1, 1],
     and their paths: centre crop and resize, or with `crop` the authors' resize -> crop -> resize
-    (their models). Unreadable files are skipped with a warning; none readable is an error."""
+    (their models); with `faces` (Faces) each image's aligned faces instead, named path#faceK after
+    the first. Unreadable files are skipped with a warning; none readable is an error."""
     paths = spec if isinstance(spec, list) else image_paths(spec, flag)
     images, names = [], []
     for p in paths:
         try:
-            im = data.open_rgb(p)
+            found = faces.of(p, crop or res) if faces else [(p, data.open_rgb(p))]
+        except Exception as e:                                  # noqa: BLE001 (any decoder failure, a bomb)
+            warnings.warn(f'skipping {p}: {type(e).__name__}: {str(e).splitlines()[0]}')
+            continue
+        for name, im in found:
             images.append(data.resize_crop_resize(im, crop, res) if crop else data.crop_resize(im, res))
-            names.append(p)
-        except Exception as e:                                  # noqa: BLE001 (any decoder failure)
-            warnings.warn(f'skipping {p}: {type(e).__name__}: {e}')
+            names.append(name)
     if not images:
         raise SystemExit(f'error: {flag}: none of the images could be read ({spec!r})')
     return data.to_float(torch.stack(images)), names
+
+
+# --------------------------------------------------------------------------------------------
+# Faces of your own photos: five landmarks each (MTCNN, or a file), then data.align_face
+
+EXTRA = 'pip install -r requirements-extra.txt'
+
+
+def mtcnn():
+    """facenet-pytorch's MTCNN (its wheel ships the weights: it runs offline), imported only when asked for."""
+    try:
+        from facenet_pytorch import MTCNN
+    except ImportError:
+        raise SystemExit(f'error: face alignment finds landmarks with MTCNN from facenet-pytorch, which is not '
+                         f'installed: {EXTRA} (or pass --landmarks=FILE)') from None
+    return MTCNN(keep_all=True, device='cpu')
+
+
+def read_landmarks(path):
+    """{name: [(5, 2) points, ...]} from a JSON file of five [x, y] points (or a list of them) per image."""
+    try:
+        with open(path) as f:
+            table = json.load(f)
+        return {k: [np.asarray(p, np.float64).reshape(5, 2) for p in
+                    (v if np.asarray(v).ndim == 3 else [v])] for k, v in table.items()}
+    except (OSError, ValueError, AttributeError) as e:
+        raise SystemExit(f'error: --landmarks={path}: expected a JSON file {{"photo.jpg": [[x, y] x 5], ...}} '
+                         f'(eyes, nose, mouth corners) ({type(e).__name__})') from None
+
+
+class Faces:
+    """How --align finds and crops faces: `of(path, size)` -> [(name, aligned PIL image)], the largest
+    face first (or alone), from the image turned upright by its EXIF orientation."""
+
+    def __init__(self, spec, landmarks='', all_faces=False):
+        self.spec, self.all_faces = spec, all_faces
+        self.table = read_landmarks(landmarks) if landmarks else None
+        self.detector = None if self.table is not None else mtcnn()
+
+    def points(self, path, im):
+        if self.table is not None:
+            rel = latent_name(path, self.spec)
+            return self.table.get(rel, self.table.get(os.path.basename(path), []))
+        boxes, _, points = self.detector.detect(im, landmarks=True)
+        if boxes is None:
+            return []
+        boxes, points = np.asarray(boxes, np.float64), np.asarray(points, np.float64)
+        area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+        return [points[i] for i in np.argsort(-area)]
+
+    def of(self, path, size):
+        im = data.open_rgb(path)
+        faces = self.points(path, im)
+        if not faces:
+            print(f'no face found in {path}: skipped' + ('' if self.detector else ' (not in --landmarks)'))
+        out = []
+        for k, p in enumerate(faces if self.all_faces else faces[:1]):
+            width = 2 * np.hypot(*(p[1] - p[0]))                  # a face is about twice its eye distance
+            if width < 64:
+                warnings.warn(f'{path}: the face is about {width:.0f} px wide, under 64: its aligned crop is blurry')
+            out.append((path if k == 0 else f'{path}#face{k}', data.align_face(im, p, size)))
+        return out
+
+
+def faces_of(cfg, spec):
+    """The Faces for --align, or None without it."""
+    return Faces(spec, cfg['landmarks'], cfg['all_faces']) if cfg['align'] else None
+
+
+def write_aligned(cfg):
+    """--mode=align: every face of --inputs aligned to --res, as PNGs in --out (a folder)."""
+    if not cfg['inputs']:
+        raise SystemExit('error: --mode=align needs --inputs=FOLDER (or comma-separated files)')
+    folder = cfg['out'] or os.path.join(cfg['out_dir'], 'aligned')
+    faces, written = Faces(cfg['inputs'], cfg['landmarks'], cfg['all_faces']), 0
+    os.makedirs(folder, exist_ok=True)
+    for p in image_paths(cfg['inputs']):
+        try:
+            found = faces.of(p, cfg['res'])
+        except Exception as e:                                  # noqa: BLE001 (any decoder failure, a bomb)
+            print(f'skipping {p}: {type(e).__name__}: {str(e).splitlines()[0]}')
+            continue
+        for name, im in found:
+            stem = os.path.splitext(latent_name(name.split('#')[0], cfg['inputs']))[0].replace(os.sep, '_')
+            im.save(os.path.join(folder, stem + ('_' + name.split('#')[1] if '#' in name else '') + '.png'))
+            written += 1
+    print(f'wrote {written} aligned faces ({cfg["res"]}x{cfg["res"]}, {cfg["align"] or "ffhq"}) to {folder}')
+    return folder
 
 
 def test_images(config, res, count):
@@ -334,12 +437,13 @@ def latent_name(path, spec):
 
 
 @torch.no_grad()
-def encode_all(net, spec, crop=None, batch=32, flag='--inputs'):
-    """{name: z} for every readable image of `spec` (a folder or files), a batch at a time."""
+def encode_all(net, spec, crop=None, batch=32, flag='--inputs', faces=None):
+    """{name: z} for every readable image of `spec` (a folder or files), a batch at a time (with
+    `faces`, every aligned face)."""
     paths, found = image_paths(spec, flag), {}
     for i in range(0, len(paths), batch):
         try:
-            x, names = read_images(paths[i:i + batch], net.res, crop)
+            x, names = read_images(paths[i:i + batch], net.res, crop, flag, faces)
         except SystemExit:                                     # a batch with no readable file
             continue
         for name, z in zip(names, net.encode(x.to(net.const_device()))):
@@ -353,7 +457,8 @@ def write_direction(net, cfg):
     """--mode=direction: mean latent of --positive minus that of --negative, to --out."""
     if not (cfg['positive'] and cfg['negative']):
         raise SystemExit('error: --mode=direction needs --positive=DIR (with the attribute) and --negative=DIR')
-    pos, neg = (torch.stack(list(encode_all(net, cfg[k], net.input_crop, flag=f'--{k}').values()))
+    pos, neg = (torch.stack(list(encode_all(net, cfg[k], net.input_crop, flag=f'--{k}', faces=faces_of(cfg, cfg[k]))
+                                 .values()))
                 for k in ('positive', 'negative'))
     target = cfg['out'] or os.path.join(cfg['out_dir'], 'direction.pt')
     save_latents(pos.mean(0) - neg.mean(0), target)
@@ -404,7 +509,8 @@ def mix_rows(net, cfg, x, names):
     spec, k = (cfg['mix'], cfg['n']) if cfg['mode'] == 'mix' else (f'0:{model.INVARIANCE_K}', cfg['n'])
     blocks = blocks_of(net, spec)
     if cfg['inputs_b']:
-        a, b = x[:k], read_images(cfg['inputs_b'], net.res, net.input_crop, '--inputs_b')[0][:k].to(x.device)
+        b = read_images(cfg['inputs_b'], net.res, net.input_crop, '--inputs_b', faces_of(cfg, cfg['inputs_b']))[0]
+        a, b = x[:k], b[:k].to(x.device)
     elif len(x) > k:
         a, b = x[:k], x[k:2 * k]
     else:
@@ -484,7 +590,7 @@ def write_latents_file(net, cfg, path):
     """--mode=encode: {file name: latent} of every image of --inputs."""
     if not cfg['inputs']:
         raise SystemExit('error: --mode=encode needs --inputs=FOLDER (or comma-separated files)')
-    found = encode_all(net, cfg['inputs'], net.input_crop)
+    found = encode_all(net, cfg['inputs'], net.input_crop, faces=faces_of(cfg, cfg['inputs']))
     target = cfg['latents'] or os.path.join(cfg['out_dir'], 'latents.pt')
     save_latents(found, target)
     print(f'wrote {target} ({len(found)} latents of size {net.cfg.nz}; {net.res}x{net.res} checkpoint at {path})')
@@ -497,7 +603,7 @@ def grid_inputs(net, cfg, path, count):
                               and not net.config.get('data_root')):
         raise SystemExit(f'error: {path} records no images to use; pass --inputs=FOLDER (or comma-separated files)')
     if cfg['inputs']:
-        x, paths = read_images(cfg['inputs'], net.res, net.input_crop)
+        x, paths = read_images(cfg['inputs'], net.res, net.input_crop, faces=faces_of(cfg, cfg['inputs']))
         names = [latent_name(p, cfg['inputs']) for p in paths]
     else:
         x = test_images(net.config, net.res, count)
@@ -522,6 +628,8 @@ def main(cfg):
     """Load the checkpoint, run the mode, write its file; returns the file's path."""
     cfg = clean(cfg, RULES)                                   # paths: ~ and $VARS expanded
     check(cfg, RULES)
+    if cfg['mode'] == 'align':                                # no checkpoint: photos in, aligned faces out
+        return write_aligned(cfg)
     path = cfg['ckpt'] or os.path.join(cfg['out_dir'], 'ckpt.pt')
     try:
         net = model.load_checkpoint(path, ema=cfg['ema'], device=model.resolve_device(cfg['device']))

@@ -882,6 +882,121 @@ def test_folder_cache_build_interrupted_leaves_no_temporary_files(tmp_path, monk
         assert len(source('folder', str(root), max_res=8)) == 25
 
 
+FACE = np.array([[-20, 0], [20, 0], [0, 15], [-15, 40], [15, 40]], float)   # eyes, nose, mouth corners
+
+
+def _dotted_face(theta, scale, centre, size):
+    """A uniform picture with blue dots at FACE's eyes and mouth corners, turned by theta, scaled, moved."""
+    from PIL import Image, ImageDraw
+    turn = np.array([[math.cos(theta), -math.sin(theta)], [math.sin(theta), math.cos(theta)]])
+    points = FACE @ turn.T * scale + np.asarray(centre, float)
+    im = Image.new('RGB', size, (200, 100, 50))
+    draw = ImageDraw.Draw(im)
+    for x, y in points[[0, 1, 3, 4]]:
+        draw.ellipse([x - 3 * scale, y - 3 * scale, x + 3 * scale, y + 3 * scale], fill=(0, 0, 255))
+    return im, points
+
+
+def _dots(face):
+    """Centres (x, y) of the blue dots of an aligned face, sorted."""
+    from scipy import ndimage
+    a = np.asarray(face).astype(float)
+    blue = (a[..., 2] > 150) & (a[..., 0] < 120)
+    labels, n = ndimage.label(blue)
+    return sorted((c[1], c[0]) for c in ndimage.center_of_mass(blue, labels, range(1, n + 1))), a[~blue]
+
+
+def test_face_alignment_lands_the_landmarks_at_fixed_pixels_under_any_similarity():
+    # the square: centre = eye midpoint + 0.1 eye-to-mouth = (0, 4); half side max(2 * 40, 1.8 * 40) = 80,
+    # so at 64 px a point (x, y) of FACE lands at ((x / 80 + 1) * 32, ((y - 4) / 80 + 1) * 32) - 0.5
+    want = sorted(((x / 80 + 1) * 32 - 0.5, ((y - 4) / 80 + 1) * 32 - 0.5) for x, y in FACE[[0, 1, 3, 4]])
+    for theta, scale, centre, size in ((0.0, 1.0, (200, 150), (400, 300)), (0.5, 2.0, (300, 250), (600, 500)),
+                                       (-1.0, 0.7, (40, 40), (200, 160))):        # the last reaches past two borders
+        im, points = _dotted_face(theta, scale, centre, size)
+        got, rest = _dots(D.align_face(im, points, 64))
+        assert len(got) == 4 and np.abs(np.array(got) - np.array(want)).max() < 1.0, (theta, got)
+        assert np.abs(rest - [200, 100, 50]).max(1).mean() < 8     # padded by mirroring the picture, not black
+    c, x, y = D.face_square(FACE)
+    assert np.allclose(c, [0, 4]) and np.allclose(x, [80, 0]) and np.allclose(y, [0, 80])
+
+
+def _astronaut():
+    return os.path.join(HERE, 'assets', 'astronaut.jpg')
+
+
+# where the eyes, nose tip and mouth corners of assets/astronaut.jpg are, read off the picture by hand
+ASTRONAUT = np.array([[204, 101], [245, 103], [225, 128], [202, 140], [245, 141]], float)
+
+
+def test_faces_found_by_mtcnn_on_a_real_photo_align_upright_largest_first(tmp_path, capsys):
+    import sample as S
+    from PIL import Image
+    faces = S.Faces(_astronaut())
+    photo = Image.open(_astronaut())
+    found = faces.points(_astronaut(), photo)
+    assert len(found) == 1 and np.abs(found[0] - ASTRONAUT).max() < 4     # within a few pixels
+    upright = np.asarray(faces.of(_astronaut(), 128)[0][1]).astype(float)
+    sideways = tmp_path / 'sideways.jpg'                       # a phone's portrait: pixels turned, an EXIF tag
+    exif = Image.Exif()
+    exif[0x0112] = 6                                           # rotate 90 CW to display
+    photo.rotate(90, expand=True).save(sideways, exif=exif, quality=95)
+    turned = np.asarray(faces.of(str(sideways), 128)[0][1]).astype(float)
+    again = faces.points(str(sideways), D.open_rgb(str(sideways)))
+    assert np.abs(again[0] - found[0]).max() < 2 and np.abs(turned - upright).mean() < 10   # the same face, upright
+    two = Image.new('RGB', (900, 520), (90, 90, 90))           # two faces: the larger first, both with all_faces
+    two.paste(photo, (0, 0))
+    two.paste(photo.resize((256, 256)), (600, 100))
+    two.save(tmp_path / 'two.png')
+    assert len(faces.of(str(tmp_path / 'two.png'), 64)) == 1
+    with pytest.warns(UserWarning, match='under 64'):         # the second face is small
+        both = S.Faces(str(tmp_path), all_faces=True).of(str(tmp_path / 'two.png'), 64)
+    assert [name for name, _ in both] == [str(tmp_path / 'two.png'), f'{tmp_path / "two.png"}#face1']
+    Image.new('RGB', (200, 200), (30, 120, 30)).save(tmp_path / 'no_face.png')
+    capsys.readouterr()
+    assert faces.of(str(tmp_path / 'no_face.png'), 64) == []
+    assert f'no face found in {tmp_path / "no_face.png"}: skipped' in capsys.readouterr().out
+    photo.resize((300, 300)).save(tmp_path / 'far.png')      # eyes 24 px apart: a face about 50 px wide
+    with pytest.warns(UserWarning, match=r'about \d+ px wide, under 64: its aligned crop is blurry'):
+        assert len(faces.of(str(tmp_path / 'far.png'), 64)) == 1
+
+
+def test_align_mode_and_align_on_other_modes(tiny_ckpt, tmp_path, capsys, monkeypatch):
+    import sample as S
+    import builtins
+    from PIL import Image
+    photos = tmp_path / 'photos'
+    photos.mkdir()
+    im, points = _dotted_face(0.3, 1.5, (150, 120), (320, 240))
+    im.save(photos / 'me.png')
+    Image.new('RGB', (50, 50)).save(photos / 'nobody.png')
+    marks = tmp_path / 'marks.json'
+    marks.write_text(json.dumps({'me.png': points.tolist()}))
+    folder = _sample(mode='align', inputs=str(photos), landmarks=str(marks), res=64, out=str(tmp_path / 'aligned'))
+    assert sorted(os.listdir(folder)) == ['me.png'] and 'not in --landmarks' in capsys.readouterr().out
+    got, _ = _dots(Image.open(os.path.join(folder, 'me.png')))
+    assert len(got) == 4
+    out = _sample(out_dir=str(tiny_ckpt), mode='recon', inputs=str(photos), align='ffhq', landmarks=str(marks),
+                  out=str(tmp_path / 'r.png'))
+    assert _png(out).shape == grid_shape(2, 1)                 # the one face, aligned, then reconstructed
+    with monkeypatch.context() as m:
+        m.setattr(Image, 'MAX_IMAGE_PIXELS', 1000)             # a decompression bomb: one line, then on
+        _sample(mode='align', inputs=str(photos), landmarks=str(marks), out=str(tmp_path / 'bomb'))
+        said = capsys.readouterr().out
+    assert re.search(r'skipping .*me.png: DecompressionBombError: [^\n]*\n', said) and 'wrote 0 aligned' in said
+    marks.write_text('not json')
+    assert f'--landmarks={marks}: expected a JSON file' in _error_of(_sample, mode='align', inputs=str(photos),
+                                                                      landmarks=str(marks))
+    real_import = builtins.__import__
+
+    def without_facenet(name, *args, **kwargs):
+        if name.startswith('facenet_pytorch'):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+    monkeypatch.setattr(builtins, '__import__', without_facenet)
+    text = _error_of(_sample, mode='align', inputs=str(photos))
+    assert 'MTCNN from facenet-pytorch, which is not installed: pip install -r requirements-extra.txt' in text
+
+
 def test_exif_orientation_is_applied_wherever_images_are_read(tmp_path):
     from PIL import Image
     import sample as S
@@ -2074,7 +2189,8 @@ def test_configurator_help_lists_globals_with_defaults_and_comments(tmp_path):
 def test_ci_runs_the_readme_test_command():
     ci = open(os.path.join(HERE, '.ci', 'run')).read()
     readme = open(os.path.join(HERE, 'README.md')).read()
-    for command in ('pip install -r requirements.txt pytest lmdb', 'python -m pytest -q test_all.py'):
+    for command in ('pip install -r requirements.txt -r requirements-extra.txt pytest lmdb',
+                    'python -m pytest -q test_all.py'):
         assert command in ci and command in readme
 
 
