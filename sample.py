@@ -173,10 +173,14 @@ class Faces:
         return [points[i] for i in np.argsort(-area)]
 
     def of(self, path, size):
-        im = data.open_rgb(path)
-        faces = self.points(path, im)
+        faces = self.crops(data.open_rgb(path), size, path)
         if not faces:
             print(f'no face found in {path}: skipped' + ('' if self.detector else ' (not in --landmarks)'))
+        return faces
+
+    def crops(self, im, size, path=''):
+        """[(name, aligned face)] of a PIL image (`path` names it, and finds it in --landmarks)."""
+        faces = self.points(path, im)
         out = []
         for k, p in enumerate(faces if self.all_faces else faces[:1]):
             width = 2 * np.hypot(*(p[1] - p[0]))                  # a face is about twice its eye distance

@@ -1523,10 +1523,11 @@ def test_progress_line_prints_every_logged_term():
 
 
 def test_every_setting_of_every_script_has_a_rule():
+    import demo
     import metrics as MT
     import sample as S
     import train as T
-    for script in (T, S, MT):
+    for script in (T, S, MT, demo):
         assert set(script.RULES) == set(script.CONFIG_KEYS), script.__name__
 
 
@@ -1539,9 +1540,10 @@ def test_every_path_setting_expands_home_and_variables(tmp_path, monkeypatch, ti
     monkeypatch.setenv('RUNS', str(tiny_ckpt.parent))
     assert C.PATH.clean('~/a') == str(tmp_path / 'a') and C.PATH.clean('$RUNS/b') == str(tiny_ckpt.parent / 'b')
     assert C.PATHS.clean('~/a.png,$RUNS/b.png') == f'{tmp_path / "a.png"},{tiny_ckpt.parent / "b.png"}'
-    for script in (T, S, MT):        # a string setting that is not a path would be listed here
+    import demo
+    for script in (T, S, MT, demo):  # a string setting that is not a path would be listed here
         loose = [k for k in script.CONFIG_KEYS if isinstance(getattr(script, k), str) and script.RULES[k] is C.ANY]
-        assert set(loose) <= {'device', 'wandb_project'}, (script.__name__, loose)
+        assert set(loose) <= {'device', 'wandb_project', 'host'}, (script.__name__, loose)
     (tmp_path / 'photos').mkdir()
     cfg = T.settings({'dataset': 'folder', 'data_root': '~/photos', 'out_dir': '$RUNS/new', 'cache_dir': '~/c'})
     assert (cfg['data_root'], cfg['out_dir'], cfg['cache_dir']) == (
@@ -1878,6 +1880,100 @@ def test_sample_direction_edit_and_projection(tiny_ckpt, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
+# demo.py
+
+def test_demo_callbacks_mix_edit_and_say_what_went_wrong(tiny_ckpt, tmp_path):
+    import demo
+    import sample as S
+    from PIL import Image
+    ck = str(tiny_ckpt / 'ckpt.pt')
+    for name, colour in (('a.png', (220, 60, 40)), ('b.png', (40, 60, 220))):
+        Image.new('RGB', (40, 30), colour).save(tmp_path / name)
+    a, b = str(tmp_path / 'a.png'), str(tmp_path / 'b.png')
+    seen_a, seen_b, rec_a, rec_b, mixed, latents = demo.mix(ck, 'auto', a, b, 'coarse', [])   # shapes: no alignment
+    net = demo.load(ck)
+    z = torch.load(latents, weights_only=True)
+    assert set(z) == {'A', 'B', 'mix'} and z['mix'].shape == (net.decoder.n_blocks, 32)
+    want = S.decode_mixed(net, z['A'][None], z['B'][None], range(0, 2))
+    assert np.array_equal(np.asarray(mixed), np.asarray(demo.picture(want)))        # A with B's coarse blocks
+    assert mixed.size == rec_a.size == seen_a.size == (256, 256)
+    picked = demo.mix(ck, 'off', a, b, 'fine', ['2'])[4]                             # block by block wins
+    assert np.array_equal(np.asarray(picked), np.asarray(demo.picture(S.decode_mixed(net, z['A'][None], z['B'][None], [2]))))
+    (tmp_path / 'junk.png').write_bytes(b'not an image')
+    Image.new('RGB', (64, 64), (10, 10, 10)).save(tmp_path / 'dark.png')
+    for call, message in ((lambda: demo.mix(ck, 'off', None, b, 'coarse', []), 'upload image A first'),
+                          (lambda: demo.mix(ck, 'off', a, str(tmp_path / 'junk.png'), 'coarse', []),
+                           'image B could not be read as a picture (UnidentifiedImageError)'),
+                          (lambda: demo.mix(ck, 'off', a, b, 'coarse', ['5']), 'block 5 is not in this 16x16 checkpoint'),
+                          (lambda: demo.mix(ck, 'ffhq', str(tmp_path / 'dark.png'), b, 'coarse', []), 'no face found in image A'),
+                          (lambda: demo.mix(str(tmp_path / 'none.pt'), 'off', a, b, 'coarse', []), 'no checkpoint at'),
+                          (lambda: demo.edit(ck, 'off', a, str(tmp_path / 'junk.png'), 1.0, 'coarse', []), 'is not a torch file')):
+        with pytest.raises(demo.DemoError, match=re.escape(message)):
+            call()
+    d = torch.zeros(32)
+    d[0] = 1.0
+    torch.save(d, tmp_path / 'd.pt')
+    moved = demo.edit(ck, 'off', a, str(tmp_path / 'd.pt'), 2.0, 'coarse', [])
+    assert not np.array_equal(np.asarray(moved), np.asarray(rec_a))
+    assert np.array_equal(np.asarray(demo.edit(ck, 'off', a, str(tmp_path / 'd.pt'), 0.0, 'coarse', [])), np.asarray(rec_a))
+
+    class PageError(Exception):
+        pass
+    for fault in (demo.DemoError('upload image A first'), ZeroDivisionError('x\ny')):
+        def broken(fault=fault):
+            raise fault
+        with pytest.raises(PageError) as e:
+            demo.guarded(broken, PageError)()
+        assert '\n' not in str(e.value) and str(e.value) in ('upload image A first', 'ZeroDivisionError: x')
+
+
+def _free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def test_demo_in_a_real_browser_mixes_two_uploads(tiny_ckpt, tmp_path):
+    import shutil
+    import urllib.request
+    from PIL import Image
+    from playwright.sync_api import sync_playwright
+    browser_path = shutil.which('chromium') or shutil.which('chromium-browser')
+    assert browser_path, 'the browser test needs Chromium: apt-get install -y chromium'
+    for name, colour in (('a.png', (220, 60, 40)), ('b.png', (40, 60, 220))):
+        Image.new('RGB', (40, 30), colour).save(tmp_path / name)
+    port = _free_port()
+    server = subprocess.Popen([sys.executable, 'demo.py', f'--ckpt={tiny_ckpt / "ckpt.pt"}', f'--port={port}'],
+                              cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        for _ in range(240):                                   # up to a minute for the server
+            try:
+                urllib.request.urlopen(f'http://127.0.0.1:{port}/', timeout=1)
+                break
+            except OSError:
+                assert server.poll() is None, server.stdout.read()
+                time.sleep(0.25)
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=browser_path, headless=True, args=['--no-sandbox'])
+            page = browser.new_page(viewport={'width': 1200, 'height': 1000})
+            page.goto(f'http://127.0.0.1:{port}/', wait_until='networkidle')
+            page.locator('#image_a input[type=file]').set_input_files(str(tmp_path / 'a.png'))
+            page.locator('#image_b input[type=file]').set_input_files(str(tmp_path / 'b.png'))
+            page.get_by_label('coarse').first.check()
+            page.locator('#mix').click()
+            page.locator('#mixed img').wait_for(timeout=60000)                # the mixed image appears
+            src = page.locator('#mixed img').get_attribute('src')
+            page.screenshot(path=str(tmp_path / 'demo.png'), full_page=True)
+            browser.close()
+        assert src and os.path.getsize(tmp_path / 'demo.png') > 10000
+    finally:
+        server.terminate()
+        said = server.communicate(timeout=30)[0]
+    assert f'serving http://127.0.0.1:{port}' in said                       # it binds the loopback unless --host
+
+
+# ---------------------------------------------------------------------------------------------
 # metrics.py
 
 def _torchvision_inception_state():
@@ -2189,7 +2285,7 @@ def test_configurator_help_lists_globals_with_defaults_and_comments(tmp_path):
 def test_ci_runs_the_readme_test_command():
     ci = open(os.path.join(HERE, '.ci', 'run')).read()
     readme = open(os.path.join(HERE, 'README.md')).read()
-    for command in ('pip install -r requirements.txt -r requirements-extra.txt pytest lmdb',
+    for command in ('pip install -r requirements.txt -r requirements-extra.txt pytest lmdb playwright',
                     'python -m pytest -q test_all.py'):
         assert command in ci and command in readme
 
