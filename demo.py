@@ -156,6 +156,9 @@ def page(cfg):
     except ImportError:
         raise SystemExit(f'error: the demo needs gradio, which is not installed: {sample.EXTRA}') from None
     dev = cfg['device']
+
+    def say(message):                                        # a message in the page, no traceback on the console
+        return gr.Error(message, print_exception=False)
     with gr.Blocks(title='automodulator') as ui:
         gr.Markdown('## automodulator: mix the coarse, intermediate and fine styles of real images')
         with gr.Row():
@@ -176,7 +179,7 @@ def page(cfg):
                         gr.Image(label='A reconstructed'), gr.Image(label='B reconstructed'),
                         gr.Image(label='A with B on those blocks', elem_id='mixed')]
             latents = gr.File(label='Latents {A, B, mix} (torch.load)')
-            go.click(guarded(lambda *v: mix(*v, device=dev), gr.Error),
+            go.click(guarded(lambda *v: mix(*v, device=dev), say),
                      [ckpt_box, align_box, a, b, group, picked], [*outs, latents])
         with gr.Tab('Edit'):
             with gr.Row():
@@ -189,7 +192,7 @@ def page(cfg):
                 e_group = gr.Radio([*GROUPS, 'all'], value='intermediate', label='Move the latents of the blocks of')
                 e_picked = gr.CheckboxGroup(blocks, label='... or of these blocks')
             e_go = gr.Button('Edit', variant='primary')
-            e_go.click(guarded(lambda *v: edit(*v, device=dev), gr.Error),
+            e_go.click(guarded(lambda *v: edit(*v, device=dev), say),
                        [ckpt_box, align_box, e_in, direction, strength, e_group, e_picked], e_out)
     return ui
 

@@ -1944,7 +1944,9 @@ def test_demo_in_a_real_browser_mixes_two_uploads(tiny_ckpt, tmp_path):
     for name, colour in (('a.png', (220, 60, 40)), ('b.png', (40, 60, 220))):
         Image.new('RGB', (40, 30), colour).save(tmp_path / name)
     port = _free_port()
-    server = subprocess.Popen([sys.executable, 'demo.py', f'--ckpt={tiny_ckpt / "ckpt.pt"}', f'--port={port}'],
+    (tmp_path / 'junk.png').write_bytes(b'not an image')
+    (tmp_path / 'huge.png').write_bytes(os.urandom(1_200_000))
+    server = subprocess.Popen([sys.executable, 'demo.py', f'--ckpt={tiny_ckpt / "ckpt.pt"}', f'--port={port}', '--max_mb=1'],
                               cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         for _ in range(240):                                   # up to a minute for the server
@@ -1958,19 +1960,26 @@ def test_demo_in_a_real_browser_mixes_two_uploads(tiny_ckpt, tmp_path):
             browser = p.chromium.launch(executable_path=browser_path, headless=True, args=['--no-sandbox'])
             page = browser.new_page(viewport={'width': 1200, 'height': 1000})
             page.goto(f'http://127.0.0.1:{port}/', wait_until='networkidle')
-            page.locator('#image_a input[type=file]').set_input_files(str(tmp_path / 'a.png'))
-            page.locator('#image_b input[type=file]').set_input_files(str(tmp_path / 'b.png'))
+            upload_a, upload_b = (page.locator(f'#image_{k} input[type=file]') for k in 'ab')
+            upload_a.set_input_files(str(tmp_path / 'huge.png'))          # bad uploads: a message in the page
+            page.get_by_text('exceed the maximum allowed size of 1.0 Mb').wait_for(timeout=30000)
+            upload_a.set_input_files(str(tmp_path / 'junk.png'))
+            upload_b.set_input_files(str(tmp_path / 'b.png'))
+            page.locator('#mix').click()
+            page.get_by_text('image A could not be read as a picture').wait_for(timeout=30000)
+            page.locator('#image_a button[aria-label="Clear"]').first.click()
+            upload_a.set_input_files(str(tmp_path / 'a.png'))
             page.get_by_label('coarse').first.check()
             page.locator('#mix').click()
             page.locator('#mixed img').wait_for(timeout=60000)                # the mixed image appears
             src = page.locator('#mixed img').get_attribute('src')
             page.screenshot(path=str(tmp_path / 'demo.png'), full_page=True)
             browser.close()
-        assert src and os.path.getsize(tmp_path / 'demo.png') > 10000
+        assert src and os.path.getsize(tmp_path / 'demo.png') > 10000 and server.poll() is None   # still serving
     finally:
         server.terminate()
         said = server.communicate(timeout=30)[0]
-    assert f'serving http://127.0.0.1:{port}' in said                       # it binds the loopback unless --host
+    assert f'serving http://127.0.0.1:{port}' in said and 'Traceback' not in said   # the loopback unless --host
 
 
 # ---------------------------------------------------------------------------------------------
