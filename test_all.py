@@ -961,7 +961,6 @@ def test_faces_found_by_mtcnn_on_a_real_photo_align_upright_largest_first(tmp_pa
 
 
 def test_align_mode_and_align_on_other_modes(tiny_ckpt, tmp_path, capsys, monkeypatch):
-    import sample as S
     import builtins
     from PIL import Image
     photos = tmp_path / 'photos'
@@ -2051,7 +2050,7 @@ def test_lpips_zero_on_identical_and_symmetric(tmp_path):
         assert torch.equal(lp(x, x), torch.zeros(3))
         assert torch.allclose(lp(x, y), lp(y, x)) and (lp(x, y) > 0).all()
         assert lp(x, y).shape == (3,)
-    with pytest.raises(FileNotFoundError, match='vgg16-397923af.pth'):
+    with pytest.raises(L.MissingWeights, match='vgg16-397923af.pth'):
         L.LPIPS('vgg', backbone=str(tmp_path / 'missing.pth'), heads=heads)
 
 
