@@ -67,7 +67,7 @@ margin = {4: 0.5, 8: 0.5, 16: 0.5, 32: 0.5, 64: 0.5}  # KL margin M_gap (paper 2
 lambda_x_fade = 2.0         # image reconstruction weight in the first (fade) half of a phase
 lambda_x_stable = 3.0       # ... and in the second half
 lambda_z = 2.0              # latent cosine reconstruction
-lambda_j = 0.0              # layer-specific loss L_j (paper: on; 10 in its units, Eq. 6; it cost shape read here)
+lambda_j = 0.0              # layer-specific loss L_j (paper: on; 10 in its units, Eq. 6; no gain in separation here, RESULTS)
 lambda_x_dec = 10.0         # not in the paper: the decoder also reconstructs real images (pictures within minutes)
 recon = 'robust'            # the pixel distance d of Eq. 6: robust (Barron's, the paper) | l1 | l2 (Table 1's ablation)
 recon_dec = ''              # d of the decoder's lambda_x_dec term ('' = as recon; robust with recon=l1: Table 1's ablation alone)
