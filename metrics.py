@@ -316,6 +316,9 @@ def fid_reconstructions(net, inception, source, count, batch):
     return frechet_distance(*statistics(torch.cat(rec).numpy()), *statistics(torch.cat(real).numpy()))
 
 
+STABLE_FID = 2048       # the feature dimension: below it the covariance is rank-deficient
+
+
 def folder_files(root, count, flag):
     """The first `count` images under `root` (sorted), checked before any weights load: one line when
     the folder is missing or holds none, a warning when it holds too few for a stable FID."""
@@ -329,9 +332,6 @@ def folder_files(root, count, flag):
         warnings.warn(f'{flag}={root} holds {len(files)} images; FID and precision/recall from fewer than '
                       f'{STABLE_FID} are biased and vary between draws (the paper uses 50,000)')
     return files
-
-
-STABLE_FID = 2048       # the feature dimension: below it the covariance is rank-deficient
 
 
 @torch.no_grad()

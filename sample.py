@@ -208,9 +208,9 @@ def write_aligned(cfg):
         except Exception as e:                                  # noqa: BLE001 (any decoder failure, a bomb)
             print(f'skipping {p}: {type(e).__name__}: {str(e).splitlines()[0]}')
             continue
-        for name, im in found:
-            stem = os.path.splitext(latent_name(name.split('#')[0], cfg['inputs']))[0].replace(os.sep, '_')
-            im.save(os.path.join(folder, stem + ('_' + name.split('#')[1] if '#' in name else '') + '.png'))
+        stem = os.path.splitext(latent_name(p, cfg['inputs']))[0].replace(os.sep, '_')
+        for k, (_, im) in enumerate(found):                   # the largest face first, then _face1, ...
+            im.save(os.path.join(folder, stem + (f'_face{k}' if k else '') + '.png'))
             written += 1
     print(f'wrote {written} aligned faces ({cfg["res"]}x{cfg["res"]}, {cfg["align"] or "ffhq"}) to {folder}')
     return folder
