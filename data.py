@@ -18,7 +18,9 @@ import json
 import math
 import multiprocessing as mp
 import os
+import shutil
 import signal
+import socket
 import sys
 import time
 import warnings
@@ -354,6 +356,93 @@ def _cache_dir(root, cache_dir):
     return os.path.join(os.path.expanduser('~/.cache/automodulator'), digest)
 
 
+def build_workers(n_items):
+    """Processes for a one-time build (a cache, a resize): every core this process may use; none
+    for a small folder, where starting a pool costs more than it saves."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
+    return cores if n_items >= 256 and cores > 1 else 0
+
+
+def progress_text(what, done, total, t0):
+    """'what: [#####.....] 50% 35,000/70,000, 512/s, 1.1 min left' for a long build."""
+    rate = done / max(time.time() - t0, 1e-9)
+    bar = '#' * int(20 * done / max(total, 1))
+    left = (total - done) / rate / 60 if rate > 0 else float('inf')
+    return f'{what}: [{bar:<20}] {done / max(total, 1):4.0%} {done:,}/{total:,}, {rate:.0f}/s, {left:.1f} min left'
+
+
+def temporary(path):
+    """A name beside `path` that no other process on any machine writes to (host and pid)."""
+    return f'{path}.{socket.gethostname()}.{os.getpid()}.tmp'
+
+
+class BuildLock:
+    """One builder per cache folder: the first process to take the lock builds, the others wait on
+    the lock (not on the process group), showing the builder's progress line, then find the cache
+    complete. With node-local --cache_dir that is one builder per node. Where the platform has no
+    flock (Windows) there is no lock: run one process there."""
+
+    WAIT_LINE_EVERY = 10.0     # seconds between the waiting process's lines
+
+    def __init__(self, folder, log):
+        self.path, self.log, self.file = os.path.join(folder, 'build.lock'), log, None
+        self.progress = os.path.join(folder, 'build.progress')
+
+    def __enter__(self):
+        try:
+            import fcntl
+        except ImportError:
+            return self
+        self.file = open(self.path, 'a+')
+        last = time.time()
+        while True:
+            try:
+                fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return self
+            except BlockingIOError:
+                if time.time() - last >= self.WAIT_LINE_EVERY:
+                    last = time.time()
+                    self.log(f'waiting for another process to finish the cache in {os.path.dirname(self.path)} '
+                             f'({self.builder_progress()})')
+                time.sleep(0.2)
+
+    def builder_progress(self):
+        try:
+            with open(self.progress) as f:
+                return f.read().strip() or 'starting'
+        except OSError:
+            return 'starting'
+
+    def report(self, text):
+        """The builder's progress line, for the processes that wait."""
+        with open(temporary(self.progress), 'w') as f:
+            f.write(text)
+        os.replace(temporary(self.progress), self.progress)
+
+    def __exit__(self, *exc):
+        if os.path.exists(self.progress):
+            os.remove(self.progress)
+        if self.file is not None:
+            self.file.close()                       # releases the lock
+        return False
+
+
+def size_text(n):
+    """Bytes as people read them: 960 B, 3.2 MiB, 294.1 GiB."""
+    for unit, scale in (('TiB', 2 ** 40), ('GiB', 2 ** 30), ('MiB', 2 ** 20), ('KiB', 2 ** 10)):
+        if n >= scale:
+            return f'{n / scale:.1f} {unit}'
+    return f'{n} B'
+
+
+def check_space(folder, need, what):
+    """Fail before a build that the disk cannot hold, naming the size and the setting to move it."""
+    free = shutil.disk_usage(folder).free
+    if need > free:
+        raise OSError(f'{what} needs {size_text(need)} in {folder} but only {size_text(free)} are free; point '
+                      f'--cache_dir at a larger disk')
+
+
 def _decode_all(item):
     """Worker: decode one file and return it at every requested resolution, or the error text."""
     path, resolutions = item
@@ -375,12 +464,12 @@ class FolderSource:
     """
     name = 'folder'
 
-    def __init__(self, root, max_res, indices=None, cache_dir='', num_workers=0, log=print):
+    def __init__(self, root, max_res, indices=None, cache_dir='', log=print):
         self.root, self.max_res = root, max_res
         self.resolutions = [4 * 2 ** i for i in range(int(math.log2(max_res)) - 1)]
         self.files = list_images(root)
         self.dir = _cache_dir(root, cache_dir)
-        self.valid, self.skipped = self._build_cache(num_workers, log)   # positions in `files` that decoded
+        self.valid, self.skipped = self._build_cache(log)   # positions in `files` that decoded
         self.indices = np.arange(len(self.valid)) if indices is None else self._select(indices)
         self._maps = {}
 
@@ -392,39 +481,58 @@ class FolderSource:
     def _paths(self):
         return os.path.join(self.dir, 'index.json'), {r: os.path.join(self.dir, f'{r}x{r}.u8') for r in self.resolutions}
 
-    def _build_cache(self, num_workers, log):
+    def _complete(self, rel):
+        """(valid, skipped) of a finished cache of exactly these files, else None."""
+        index_path, paths = self._paths()
+        if not os.path.exists(index_path):
+            return None
+        with open(index_path) as f:
+            index = json.load(f)
+        if (index.get('files') == rel and index.get('version') == CACHE_VERSION
+                and all(os.path.exists(p) for p in paths.values())):
+            return index['valid'], index['skipped']
+        return None
+
+    def _build_cache(self, log):
         index_path, paths = self._paths()
         rel = [os.path.relpath(f, self.root) for f in self.files]
-        if os.path.exists(index_path):
-            with open(index_path) as f:
-                index = json.load(f)
-            if (index.get('files') == rel and index.get('version') == CACHE_VERSION
-                    and all(os.path.exists(p) for p in paths.values())):
-                return index['valid'], index['skipped']
-            log(f'cache in {self.dir} is stale (files, resolutions or decoding changed): rebuilding')
+        done = self._complete(rel)
+        if done:
+            return done
         os.makedirs(self.dir, exist_ok=True)
-        tmp = {r: p + '.tmp.npy' for r, p in paths.items()}
-        try:
-            valid, bad = self._decode_into(tmp, rel, num_workers, log)
-            for r, p in paths.items():       # rows [0, len(valid)) hold the images that decoded
-                os.replace(tmp[r], p)
-            with open(index_path + '.tmp', 'w') as f:           # written last: it marks the cache complete
-                json.dump(dict(files=rel, valid=valid, skipped=bad, version=CACHE_VERSION), f)
-            os.replace(index_path + '.tmp', index_path)
-        finally:                             # an error or Ctrl-C leaves no temporary file behind
-            for path in [*tmp.values(), index_path + '.tmp']:
-                if os.path.exists(path):
-                    os.remove(path)
+        with BuildLock(self.dir, log) as lock:
+            done = self._complete(rel)       # another process may have built it while this one waited
+            if done:
+                return done
+            if os.path.exists(index_path):
+                log(f'cache in {self.dir} is stale (files, resolutions or decoding changed): rebuilding')
+            need = len(self.files) * sum(3 * r * r for r in self.resolutions)
+            log(f'caching {len(self.files):,} images of {self.root} at {self.resolutions[0]}..{self.resolutions[-1]} '
+                f'px in {self.dir}: {size_text(need)} (--cache_dir moves it)')
+            check_space(self.dir, need, 'the cache')
+            tmp = {r: temporary(p) + '.npy' for r, p in paths.items()}
+            try:
+                valid, bad = self._decode_into(tmp, rel, lock, log)
+                for r, p in paths.items():       # rows [0, len(valid)) hold the images that decoded
+                    os.replace(tmp[r], p)
+                with open(temporary(index_path), 'w') as f:       # written last: it marks the cache complete
+                    json.dump(dict(files=rel, valid=valid, skipped=bad, version=CACHE_VERSION), f)
+                os.replace(temporary(index_path), index_path)
+            finally:                             # an error or Ctrl-C leaves no temporary file behind
+                for path in [*tmp.values(), temporary(index_path)]:
+                    if os.path.exists(path):
+                        os.remove(path)
         return valid, bad
 
-    def _decode_into(self, tmp, rel, num_workers, log):
-        """Decode every file into the memmaps `tmp`; returns (positions that decoded, skipped names)."""
+    def _decode_into(self, tmp, rel, lock, log):
+        """Decode every file into the memmaps `tmp`, on every core; returns (positions that decoded,
+        skipped names)."""
         n = len(self.files)
         maps = {r: np.lib.format.open_memmap(p, 'w+', np.uint8, (n, 3, r, r)) for r, p in tmp.items()}
         valid, bad = [], []
         items = [(f, self.resolutions) for f in self.files]
         t0 = last = time.time()
-        for i, (arrays, err) in enumerate(_imap(_decode_all, items, num_workers)):
+        for i, (arrays, err) in enumerate(_imap(_decode_all, items, build_workers(n))):
             if err is not None:
                 bad.append(rel[i])
                 warnings.warn(f'skipping unreadable image {self.files[i]} ({err}); {len(bad)} skipped so far')
@@ -437,7 +545,9 @@ class FolderSource:
             valid.append(i)
             if time.time() - last > 10:
                 last = time.time()
-                log(f'caching {self.root}: {i + 1}/{n} images, {(i + 1) / (last - t0):.0f} img/s')
+                line = progress_text(f'caching {self.root}', i + 1, n, t0)
+                log(line)
+                lock.report(line)
         for m in maps.values():
             m.flush()
         del maps
@@ -509,22 +619,26 @@ class LmdbSource:
             cached = os.path.join(cache_dir or os.path.expanduser('~/.cache/automodulator'), name)
         if os.path.exists(cached):
             return np.load(cached, mmap_mode='r')
-        log(f'scanning the keys of {self.path} once (cached in {cached})')
-        env = lmdb.open(self.path, readonly=True, lock=False, readahead=False, meminit=False, max_readers=64)
-        with env.begin(write=False) as txn:
-            keys = list(txn.cursor().iternext(keys=True, values=False))
-        env.close()
-        if not keys:
-            raise ValueError(f'the lmdb at {self.path} holds no records')
-        arr = np.array(keys, dtype=f'S{max(len(k) for k in keys)}')
         os.makedirs(os.path.dirname(cached), exist_ok=True)
-        try:
-            np.save(cached + '.tmp.npy', arr)
-            os.replace(cached + '.tmp.npy', cached)
-        finally:
-            if os.path.exists(cached + '.tmp.npy'):
-                os.remove(cached + '.tmp.npy')
-        return arr
+        with BuildLock(os.path.dirname(cached), log):        # one scan per node, the others wait
+            if os.path.exists(cached):
+                return np.load(cached, mmap_mode='r')
+            log(f'scanning the keys of {self.path} once (cached in {cached})')
+            env = lmdb.open(self.path, readonly=True, lock=False, readahead=False, meminit=False, max_readers=64)
+            with env.begin(write=False) as txn:
+                keys = list(txn.cursor().iternext(keys=True, values=False))
+            env.close()
+            if not keys:
+                raise ValueError(f'the lmdb at {self.path} holds no records')
+            arr = np.array(keys, dtype=f'S{max(len(k) for k in keys)}')
+            tmp = temporary(cached) + '.npy'
+            try:
+                np.save(tmp, arr)
+                os.replace(tmp, cached)
+            finally:
+                if os.path.exists(tmp):
+                    os.remove(tmp)
+        return np.load(cached, mmap_mode='r')
 
     def __len__(self):
         return len(self.indices)
@@ -577,7 +691,7 @@ def open_split(cfg, split='train', log=None):
     """
     dataset, data_root = cfg.get('dataset', 'shapes'), cfg.get('data_root', '')
     max_res, seed, test_fraction = cfg.get('max_res', 256), cfg.get('seed', 0), cfg.get('test_fraction', 0.0)
-    cache_dir, num_workers, log = cfg.get('cache_dir', ''), cfg.get('num_workers', 0), log or _quiet
+    cache_dir, log = cfg.get('cache_dir', ''), log or _quiet
     if dataset not in DATASETS:
         raise ValueError(f'unknown dataset {dataset!r}; choose one of {", ".join(DATASETS)}')
     if split not in ('train', 'test') and not (dataset == 'shapes' and split == 'report'):
@@ -608,7 +722,7 @@ def open_split(cfg, split='train', log=None):
         wanted = _split_by_count(n, _paper_train_count(n, train, test, dataset, log), split)
     if len(wanted) == 0:
         raise ValueError(f'the {split} split of {data_root} is empty ({n} images, test_fraction={test_fraction})')
-    return FolderSource(data_root, max_res, wanted.tolist(), cache_dir, num_workers, log)
+    return FolderSource(data_root, max_res, wanted.tolist(), cache_dir, log)
 
 
 def _paper_train_count(n, train, test, dataset, log):

@@ -115,9 +115,14 @@ def _log_partition_table():
     return torch.from_numpy(knots), torch.from_numpy(np.ascontiguousarray(coef.T))
 
 
+@functools.lru_cache(maxsize=None)
+def _log_partition_table_on(device):
+    """The table, copied once to each device that asks (not on every call)."""
+    return tuple(t.to(device) for t in _log_partition_table())
+
+
 def _log_partition(alpha):
-    knots, coef = _log_partition_table()
-    knots, coef = knots.to(alpha.device), coef.to(alpha.device)
+    knots, coef = _log_partition_table_on(alpha.device)
     a = alpha.double()
     i = (torch.searchsorted(knots, a.detach(), right=True) - 1).clamp(0, knots.numel() - 2)
     t = a - knots[i]
@@ -272,30 +277,42 @@ class Fakes(NamedTuple):
     j: int                          # split: z_a on blocks [0, j), z_b on [j, ...); 0 = no mixing
 
 
-def fake_batch(decoder, n, res, alpha, mix_ratio, generator=None, noise=True, rank=0, world=1):
+def mix_splits(decoder, res, alpha):
+    """The largest split j that a mixed sample can take here (0: a single block, nothing to mix)."""
+    lvl = level(res, decoder.cfg.max_res)
+    top = decoder.last_block(lvl)
+    if alpha < 1 and lvl > 0:           # the fade-in needs the previous resolution's features: with
+        top = min(top, decoder.last_block(lvl - 1) + 1)  # an extra 8x8 block, no split after it at 8x8 yet
+    return top
+
+
+def fake_batch(decoder, n, res, alpha, mix_ratio, generator=None, noise=True, rank=0, world=1, z_generator=None,
+               j=None):
     """x_hat of Eq. 6: (1 - mix_ratio) of the batch decoded from z ~ prior, the rest mixed with
     z_A, z_B ~ prior and j ~ U{1, ..., n_current - 1} drawn once per batch (canvases differ in size
     per j). At 4x4 there is a single block and nothing to mix.
 
     With world > 1 every rank draws the codes of the whole global batch from the same `generator`
     and keeps its own slice, so N processes see exactly the samples of one process with N times n.
+    z_generator: a generator on the decoder's device that draws the codes there (no copy from the
+    host; train.py's); j: the split, drawn by the caller (train.py draws both steps' at once).
     """
     device = decoder.const.device
     nz = decoder.cfg.nz
-    lvl = level(res, decoder.cfg.max_res)
-    top = decoder.last_block(lvl)                                    # splits j in 1..top
-    if alpha < 1 and lvl > 0:           # the fade-in needs the previous resolution's features: with
-        top = min(top, decoder.last_block(lvl - 1) + 1)  # an extra 8x8 block, no split after it at 8x8 yet
+    top = mix_splits(decoder, res, alpha)                            # splits j in 1..top
     n_mix = int(round(n * mix_ratio)) if top > 0 else 0
     n_reg = n - n_mix
 
     def prior(k):
+        if z_generator is not None:
+            return sample_prior(k * world, nz, device, z_generator)[rank * k:(rank + 1) * k]
         return sample_prior(k * world, nz, generator=generator)[rank * k:(rank + 1) * k].to(device)
 
     z = prior(n_reg)
     if n_mix == 0:
         return Fakes(decoder(z, res, alpha, noise=noise), z, z[:0], None, 0)
-    j = int(torch.randint(1, top + 1, (), generator=generator))
+    if j is None:
+        j = int(torch.randint(1, top + 1, (), generator=generator))
     z_a, z_b = prior(n_mix), prior(n_mix)
     xi = decoder.canvas(z_a, j, noise=noise)
     mixed = decoder(z_b, res, alpha, noise=noise, canvas=xi, start=j)
@@ -312,15 +329,28 @@ def _same(z):
     return z
 
 
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; the gradient times `factor` on the way back."""
+
+    @staticmethod
+    def forward(ctx, x, factor):
+        ctx.factor = factor
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.factor, None
+
+
 def encoder_loss(encoder, decoder, distance, x, fakes, res, alpha, margin, weights,
-                 extra_kl=False, upper_clamp=False, gather=_same, invariance_k=0):
+                 extra_kl=False, upper_clamp=False, gather=_same, invariance_k=0, lambda_x_dec=0.0):
     """L_phi of Eq. 6: max(-M_gap, KL(phi(x)) - KL(phi(x_hat))) + lambda_X d(x, theta(phi(x))).
 
     distance: d of Eq. 6 (d_rho, the robust loss, or pixel_distance's l1 / l2); weights: the loss
     weights by their names in train.py, with 'lambda_x' this step's lambda_X (train.py takes
     lambda_x_fade or lambda_x_stable). fakes: images x_hat (made under no_grad). The decoder's
-    parameters should be frozen by the caller; the reconstruction gradient flows through it into the
-    encoder and the robust loss.
+    parameters are the caller's to leave out of the backward (train.py names the ones it trains); the
+    reconstruction gradient flows through it into the encoder and the robust loss.
     extra_kl: the authors' code adds KL(phi(x)) once more, outside the clamp (pioneer/train.py, `encoder_train`).
     invariance_k: x is (x1, flip(x1)) pairs, first half and second half; add L_inv + L'_inv of
     Eq. 10-11 with the split after block k (Sec. 3.3: added to L_phi). Their weight is lambda_X:
@@ -328,29 +358,46 @@ def encoder_loss(encoder, decoder, distance, x, fakes, res, alpha, margin, weigh
     gather: concatenates the latents of all processes (with gradient), so that the KL, a batch
     statistic, sees the global batch. Returns the loss, a dict of detached parts for logging, and
     phi(x) detached (the decoder step's lambda_x_dec term takes it).
+    lambda_x_dec > 0: the decoder step's lambda_x_dec term (decoder_loss) comes from this pass too. Its
+    decoder weights are the ones the decoder step will see, so theta(phi(x)) is decoded once: the
+    loss's value is L_phi's, and its gradient also gives the decoder's parameters lambda_x_dec
+    d(x, theta(phi(x))) with phi(x) fixed, to be summed into the decoder step's (train.py). The
+    caller backpropagates into the encoder, d_rho and the decoder together; parts gains 'rec_dec'.
     """
     lambda_x = weights['lambda_x']
     z = encoder(x, res, alpha)
     kl_real = kl_latent(gather(z))
     kl_fake = kl_latent(gather(encoder(fakes, res, alpha)))
     adversarial = margin_kl(kl_real, kl_fake, margin, upper_clamp)
-    recon = distance(decoder(z, res, alpha) - x)
-    loss = adversarial + lambda_x * recon + (kl_real if extra_kl else 0)
+    if lambda_x_dec > 0:
+        # theta sees lambda_x_dec d; phi(x), scaled on the way back, lambda_x d; d_rho's alpha and
+        # scale lambda_x d in all (the detached copy adds the difference, and keeps the value L_phi's)
+        rec = decoder(_ScaleGrad.apply(z, lambda_x / lambda_x_dec), res, alpha)
+        shared = distance(rec - x)
+        recon = shared.detach()
+        loss = adversarial + lambda_x_dec * shared + (lambda_x - lambda_x_dec) * distance(rec.detach() - x)
+    else:
+        recon = distance(decoder(z, res, alpha) - x)
+        loss = adversarial + lambda_x * recon
+    loss = loss + (kl_real if extra_kl else 0)
     parts = dict(kl_real=kl_real, kl_fake=kl_fake, recon=recon)
     if invariance_k:
         h = x.shape[0] // 2
         parts['inv'] = invariance_loss(decoder, distance, x[:h], x[h:], z[:h], z[h:], invariance_k, res, alpha)
         loss = loss + lambda_x * parts['inv']
+    if lambda_x_dec > 0:
+        parts['rec_dec'] = recon
     return loss, {k: v.detach() for k, v in parts.items()}, z.detach()
 
 
 def decoder_loss(encoder, decoder, n, res, alpha, weights, mix_ratio, generator=None, noise=True,
-                 rank=0, world=1, gather=_same, x=None, distance=None, z_real=None):
+                 rank=0, world=1, gather=_same, x=None, distance=None, z_real=None, z_generator=None, j=None):
     """L_theta of Eq. 6: KL(phi(x_hat)) + lambda_Z d_cos(z, phi(theta(z))) + lambda_j L_j.
 
     weights: the loss weights by their names in train.py (lambda_z, lambda_j, lambda_x_dec). The KL
-    covers the whole batch; d_cos the regular samples; L_j the mixed ones (second pass, Fig. 3c). The
-    encoder's parameters should be frozen by the caller; gradients flow through it.
+    covers the whole batch; d_cos the regular samples; L_j the mixed ones (second pass, Fig. 3c).  The
+    caller backpropagates into the decoder alone (train.py names its parameters); gradients flow
+    through the encoder.
     lambda_x_dec > 0 (not in the paper nor the authors' code): the decoder also learns to reconstruct
     the real batch x, lambda_x_dec distance(x, theta(phi(x))) with phi(x) held fixed. In Eq. 6 only the
     encoder sees real images; the decoder learns them through the latent cycle alone, which takes
@@ -360,7 +407,7 @@ def decoder_loss(encoder, decoder, n, res, alpha, weights, mix_ratio, generator=
     train.py logs them.
     """
     lambda_j, lambda_x = weights['lambda_j'], weights.get('lambda_x_dec', 0.0)
-    fakes = fake_batch(decoder, n, res, alpha, mix_ratio, generator, noise, rank, world)
+    fakes = fake_batch(decoder, n, res, alpha, mix_ratio, generator, noise, rank, world, z_generator, j)
     z_hat = encoder(fakes.images, res, alpha)
     n_reg = fakes.z.shape[0]
     kl_fake = kl_latent(gather(z_hat))

@@ -736,6 +736,79 @@ def test_decoder_reconstruction_switch_adds_exactly_its_term():
     assert all(p.grad is None or p.grad.abs().max() < 1e-6 for p in m.encoder.parameters())
 
 
+@pytest.mark.parametrize('recon', ['robust', 'l1'])
+def test_one_shared_reconstruction_pass_gives_both_steps_their_gradients(recon):
+    # train.py decodes phi(x) once for L_phi's term and the decoder's lambda_x_dec term: one backward
+    # must give the encoder and d_rho L_phi's gradient and the decoder lambda_x_dec d(x, theta(phi(x)))'s
+    m = tiny(noise='none')
+    m.encoder.eval()                  # spectral norm's power iteration would move between the calls
+    robust = L.AdaptiveRobustLoss(max_res=64, res=16)
+    with torch.no_grad():
+        robust.alpha_latent[2].normal_()
+    distance = L.pixel_distance(recon, robust)
+    x = torch.rand(6, 3, 16, 16) * 2 - 1
+    with torch.no_grad():
+        fakes = L.fake_batch(m.decoder, 6, 16, 1.0, 0.25).images
+    w = dict(lambda_x=3.0)
+    enc, dec, rob = list(m.encoder.parameters()), list(m.decoder.parameters()), list(robust.parameters())
+
+    def grads(params):
+        out = [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in params]
+        for p in params:
+            p.grad = None
+        return out
+    loss, parts, z = L.encoder_loss(m.encoder, m.decoder, distance, x, fakes, 16, 1.0, 0.5, w)
+    loss.backward(inputs=enc + rob)
+    apart = grads(enc + rob)
+    (10.0 * distance(m.decoder(z, 16, 1.0) - x)).backward(inputs=dec)
+    apart += grads(dec)
+    shared, parts_shared, _ = L.encoder_loss(m.encoder, m.decoder, distance, x, fakes, 16, 1.0, 0.5, w, lambda_x_dec=10.0)
+    shared.backward(inputs=enc + rob + dec)
+    together = grads(enc + rob + dec)
+    assert torch.allclose(shared, loss) and torch.allclose(parts_shared['rec_dec'], parts['recon'])
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-7) for a, b in zip(apart, together))
+    assert sum(g.abs().sum() for g in together[len(enc) + len(rob):]) > 0        # the decoder did get its part
+
+
+def test_a_training_step_reads_the_device_at_most_once():
+    # every read of a tensor's value in our code waits for the device: a step may hold one (j, the
+    # mixing split, drawn on the CPU), the progress line's read comes once per interval
+    import train as T
+    cfg = T.settings({**TINY_TRAIN, 'max_res': 8, 'out_dir': 'unused'})
+    t = T.Trainer(cfg, T.model_config_from(cfg), torch.device('cpu'))
+    t.robust.grow()
+    x = torch.rand(8, 3, 8, 8) * 2 - 1
+    t.step_on(x, 8, 1.0, False)
+    ours = {os.path.join(HERE, f) for f in ('model.py', 'losses.py', 'train.py', 'data.py')}
+    reads = []
+
+    def counted(name):
+        original = getattr(torch.Tensor, name)
+
+        def read(self, *a, **k):
+            caller = sys._getframe(1).f_code.co_filename
+            if caller in ours:
+                reads.append((name, caller, sys._getframe(1).f_lineno))
+            return original(self, *a, **k)
+        return original, read
+    names = ('item', 'cpu', 'tolist', 'numpy', '__bool__', '__int__', '__float__', '__index__')
+    saved = {}
+    try:
+        for name in names:
+            saved[name], wrapper = counted(name)
+            setattr(torch.Tensor, name, wrapper)
+        terms = T.Terms()
+        terms.add(t.step_on(x, 8, 1.0, False), t.images_seen)
+        at_8 = list(reads)
+        terms.add(t.step_on(x, 8, 1.0, True), t.images_seen)
+    finally:
+        for name, original in saved.items():
+            setattr(torch.Tensor, name, original)
+    assert len(at_8) <= 1 and len(reads) <= 2, reads
+    means, bad = terms.read()
+    assert not bad and set(means) >= {'loss_enc', 'recon', 'loss_dec', 'rec_dec'}
+
+
 def test_invariance_loss_generalizes_reconstruction():
     m = tiny()
     robust = L.AdaptiveRobustLoss(max_res=64, res=16)
@@ -860,7 +933,7 @@ def test_folder_bad_input(tmp_path):
     with pytest.raises(ValueError, match=r'more than 10% of the 117 images .*cannot be read \(12 so far'), \
             pytest.warns(UserWarning):
         source('folder', str(many), max_res=8, cache_dir=str(tmp_path / 'c2'))
-    assert os.listdir(tmp_path / 'c2') == []                   # no temporary file left behind
+    assert os.listdir(tmp_path / 'c2') == ['build.lock']       # no temporary file left behind (the lock stays)
 
 
 def test_folder_cache_build_interrupted_leaves_no_temporary_files(tmp_path, monkeypatch):
@@ -876,7 +949,7 @@ def test_folder_cache_build_interrupted_leaves_no_temporary_files(tmp_path, monk
     monkeypatch.setattr(D, '_decode_all', interrupted)
     with pytest.raises(KeyboardInterrupt), pytest.warns(UserWarning):
         source('folder', str(root), max_res=8)
-    assert os.listdir(root / '.automodulator_cache') == []
+    assert os.listdir(root / '.automodulator_cache') == ['build.lock']     # the lock stays, nothing else
     monkeypatch.setattr(D, '_decode_all', real)
     with pytest.warns(UserWarning):
         assert len(source('folder', str(root), max_res=8)) == 25
@@ -1015,6 +1088,57 @@ def test_exif_orientation_is_applied_wherever_images_are_read(tmp_path):
     assert torch.equal(src.load(0, 8), ((x[0] + 1) * 127.5).round().to(torch.uint8))
 
 
+def _noisy_folder(root, n=24, size=12):
+    from PIL import Image
+    os.makedirs(root, exist_ok=True)
+    g = np.random.default_rng(0)
+    for k in range(n):
+        Image.fromarray(g.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(root / f'{k:03d}.png')
+
+
+def test_processes_that_open_one_folder_at_once_share_one_build(tmp_path, monkeypatch):
+    # torchrun's ranks of one node open the data together: one builds, the others wait on its lock
+    import multiprocessing as mp
+    root = tmp_path / 'imgs'
+    _noisy_folder(root)
+    monkeypatch.setattr(D.BuildLock, 'WAIT_LINE_EVERY', 0.0)              # the waiting line at once
+    slow = D._decode_all
+
+    def decode_slowly(item):                                              # a build the others must wait for
+        time.sleep(0.02)
+        return slow(item)
+    monkeypatch.setattr(D, '_decode_all', decode_slowly)
+
+    def child(q):
+        lines = []
+        src = source('folder', str(root), max_res=8, cache_dir=str(tmp_path / 'cache'), log=lines.append)
+        q.put((lines, src.load_batch(range(len(src)), 8).numpy()))
+    ctx = mp.get_context('fork')
+    q = ctx.Queue()
+    procs = [ctx.Process(target=child, args=(q,)) for _ in range(3)]
+    for p in procs:
+        p.start()
+    results = [q.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+    lines = [line for r in results for line in r[0]]
+    assert sum(line.startswith('cached 24 images') for line in lines) == 1, lines
+    assert any(line.startswith('waiting for another process to finish the cache') for line in lines), lines
+    assert all(np.array_equal(results[0][1], r[1]) for r in results)
+    assert sorted(os.listdir(tmp_path / 'cache')) == ['4x4.u8', '8x8.u8', 'build.lock', 'index.json']   # no temporaries
+
+
+def test_a_cache_larger_than_the_free_disk_is_refused_before_it_is_written(tmp_path, monkeypatch):
+    import shutil
+    root = tmp_path / 'imgs'
+    _noisy_folder(root, n=4)
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(D.shutil, 'disk_usage', lambda p: usage._replace(free=100))
+    with pytest.raises(OSError, match=r'the cache needs 960 B in .* but only 100 B are free; point --cache_dir'):
+        source('folder', str(root), max_res=8, cache_dir=str(tmp_path / 'cache'))
+    assert os.listdir(tmp_path / 'cache') == ['build.lock']
+
+
 def test_worker_pools_spawn_where_fork_is_missing(tmp_path, monkeypatch):
     import train as T
     root = tmp_path / 'imgs'
@@ -1022,8 +1146,9 @@ def test_worker_pools_spawn_where_fork_is_missing(tmp_path, monkeypatch):
     with pytest.warns(UserWarning):
         plain = source('folder', str(root), max_res=8, cache_dir=str(tmp_path / 'a'))
     monkeypatch.setattr(D, 'START_METHOD', 'spawn')                       # as on Windows
+    monkeypatch.setattr(D, 'build_workers', lambda n: 2)                  # a pool even for 6 images
     with pytest.warns(UserWarning):
-        spawned = source('folder', str(root), max_res=8, cache_dir=str(tmp_path / 'b'), num_workers=2)
+        spawned = source('folder', str(root), max_res=8, cache_dir=str(tmp_path / 'b'))
     assert torch.equal(plain.load_batch(range(len(plain)), 8), spawned.load_batch(range(len(spawned)), 8))
     batch = next(D.make_loader(spawned, 8, batch=4, num_workers=1))
     assert torch.equal(batch, spawned.load_batch(next(iter(D.ShardSampler(len(spawned), 4))), 8))
@@ -1433,9 +1558,30 @@ def test_train_gives_back_the_signal_handlers(tmp_path):
 def test_train_stops_on_non_finite_loss_and_keeps_checkpoint(tmp_path):
     run_train(tmp_path, total_kimg=0.016)
     before = (tmp_path / 'ckpt.pt').read_bytes()
-    with pytest.raises(SystemExit, match=r'encoder loss is not finite at 0.016 kimg.*loss weights'):
+    with pytest.raises(SystemExit, match=r'non-finite between 0.016 and 0.024 kimg, in loss_enc .its terms are finite: check the loss weights'):
         run_train(tmp_path, total_kimg=0.032, init_from='resume', lambda_x_stable=1e39)  # inf in float32
     assert (tmp_path / 'ckpt.pt').read_bytes() == before
+
+
+def test_a_full_disk_during_a_checkpoint_write_keeps_the_one_before(tmp_path, monkeypatch):
+    # checkpoints are written by a background thread: its failure stops the run with one line
+    import errno
+    import train as T
+    real, calls = torch.save, []
+
+    def save(obj, f, *a, **k):
+        calls.append(f)
+        if len(calls) == 2:                                   # ckpt.pt at 0.016 kimg, then the disk is full
+            raise OSError(errno.ENOSPC, 'No space left on device')
+        return real(obj, f, *a, **k)
+    monkeypatch.setattr(torch, 'save', save)
+    with pytest.raises(SystemExit) as e:
+        T.main(T.settings({**TINY_TRAIN, 'out_dir': str(tmp_path), 'ckpt_every': 0.016, 'total_kimg': 0.064}))
+    text = str(e.value)
+    assert re.fullmatch(r"error: could not write .*ckpt.pt \(OSError: \[Errno 28\] No space left on device\); the file "
+                        r"before it is intact: free space or pick another --out_dir, then --init_from=resume", text), text
+    ck = torch.load(tmp_path / 'ckpt.pt', map_location='cpu', weights_only=True)
+    assert ck['images_seen'] == 16 and not [f for f in os.listdir(tmp_path) if f.endswith('.tmp')]
 
 
 def test_train_fast_path_bf16_channels_last(tmp_path):
@@ -1622,6 +1768,91 @@ def test_torchrun_two_processes_match_one_with_double_batch(tmp_path):
     first_two, first_one = _log(tmp_path / 'two')[0], _log(tmp_path / 'one')[0]
     for k in ('loss_enc', 'loss_dec', 'kl_real', 'kl_fake', 'recon', 'kl_dec', 'dcos'):
         assert abs(first_two[k] - first_one[k]) <= 1e-5 * max(1, abs(first_one[k])), (k, first_two[k], first_one[k])
+
+
+def _free_port():
+    import socket
+    with socket.socket() as sock:
+        sock.bind(('127.0.0.1', 0))
+        return sock.getsockname()[1]
+
+
+def test_torchrun_two_nodes_with_their_own_caches_match_one_node(tmp_path):
+    # two "nodes" on this machine, each with a node-local --cache_dir, train as one node of 4 processes
+    root = tmp_path / 'imgs'
+    _noisy_folder(root, n=32, size=16)
+    env = {**os.environ, 'OMP_NUM_THREADS': '1'}     # torchrun sets it only for nproc_per_node > 1: fix it for both
+
+    def args(out, cache):
+        return ['train.py', '--dataset=folder', f'--data_root={root}', f'--cache_dir={cache}', f'--out_dir={out}',
+                '--max_res=8', '--width=0.0625', '--nz=32', '--phase_kimg={4: 0.016, 8: 0.016}',
+                '--batch_size=2', '--log_every=0.008', '--sample_every=0', '--num_workers=0']
+    port = _free_port()
+    nodes = [subprocess.Popen([sys.executable, '-m', 'torch.distributed.run', '--nnodes=2', f'--node_rank={k}',
+                               '--nproc_per_node=2', '--master_addr=127.0.0.1', f'--master_port={port}',
+                               *args(tmp_path / 'two', tmp_path / f'cache{k}')], cwd=HERE, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for k in (0, 1)]
+    outs = [p.communicate(timeout=300) for p in nodes]
+    assert all(p.returncode == 0 for p in nodes), outs[0][1][-2000:] + outs[1][1][-2000:]
+    one = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=4',
+                          *args(tmp_path / 'one', tmp_path / 'cache_one')], cwd=HERE, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert all(sorted(os.listdir(tmp_path / c)) == ['4x4.u8', '8x8.u8', 'build.lock', 'index.json']
+               for c in ('cache0', 'cache1'))                                  # each node built its own
+    a, b = (torch.load(tmp_path / d / 'ckpt.pt', map_location='cpu', weights_only=True) for d in ('two', 'one'))
+    assert a['images_seen'] == b['images_seen'] == 32
+    for net in ('encoder', 'decoder', 'decoder_ema'):
+        worst = max((a[net][k] - b[net][k]).abs().max().item() for k in a[net] if a[net][k].is_floating_point())
+        assert worst < 1e-6, (net, worst)
+
+
+def test_a_rank_that_cannot_reach_the_master_names_it(tmp_path):
+    port = _free_port()
+    env = {**os.environ, 'RANK': '1', 'LOCAL_RANK': '0', 'WORLD_SIZE': '2', 'MASTER_ADDR': '127.0.0.1',
+           'MASTER_PORT': str(port), 'OMP_NUM_THREADS': '1'}
+    r = subprocess.run([sys.executable, 'train.py', f'--out_dir={tmp_path}', '--dist_timeout=0.05'], cwd=HERE, env=env,
+                       capture_output=True, text=True, timeout=120)
+    last = r.stderr.strip().splitlines()[-1]
+    assert r.returncode != 0 and last.startswith(f'error: rank 1 could not join the process group at 127.0.0.1:{port}')
+    assert '--master_addr' in last
+
+
+def _children(pid):
+    kids = []
+    for d in os.listdir('/proc'):
+        try:
+            with open(f'/proc/{d}/stat') as f:
+                if d.isdigit() and int(f.read().rsplit(')', 1)[1].split()[1]) == pid:
+                    kids.append(int(d))
+        except OSError:
+            pass
+    return kids
+
+
+@pytest.mark.skipif(not os.path.isdir('/proc'), reason='finds the workers through /proc (Linux)')
+def test_torchrun_restarts_a_killed_worker_from_its_checkpoint(tmp_path):
+    # torchrun --max-restarts restarts every worker when one dies; --init_from=auto resumes them all
+    import signal
+    args = _train_args(tmp_path, 4)[:-1] + ['--total_kimg=0.4', '--ckpt_every=0.04', '--init_from=auto']
+    env = {**os.environ, 'OMP_NUM_THREADS': '1'}
+    proc = subprocess.Popen([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                             '--max-restarts=1', *args], cwd=HERE, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (tmp_path / 'ckpt.pt').exists() and time.time() < deadline:
+        time.sleep(0.05)
+    workers = _children(proc.pid)
+    assert workers and (tmp_path / 'ckpt.pt').exists()
+    os.kill(workers[-1], signal.SIGKILL)
+    out, err = proc.communicate(timeout=240)
+    assert proc.returncode == 0, err[-3000:]
+    assert '--init_from=auto: a new run' in out and '--init_from=auto: resuming' in out, out[-2000:]
+    ck = torch.load(tmp_path / 'ckpt.pt', map_location='cpu', weights_only=True)
+    assert ck['images_seen'] == 400 and ck['config']['init_from'] == 'resume'
+    kimgs = [r['kimg'] for r in _log(tmp_path)]
+    assert kimgs == sorted(kimgs) and kimgs[-1] == 0.4        # one trajectory: no lines past the resumed checkpoint
+    M.load_checkpoint(str(tmp_path / 'ckpt.pt'))
 
 
 def test_train_sigint_finishes_the_step_and_checkpoints(tmp_path):

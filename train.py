@@ -17,10 +17,12 @@ checkpoint's own settings, then the command line. All of them are checked before
 or written.
 """
 import importlib.util
+import datetime
 import json
 import math
 import os
 import signal
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, replace
@@ -82,12 +84,16 @@ compile = False             # torch.compile each network block
 channels_last = False       # NHWC memory format for the convolutions (faster with bf16 / on tensor cores)
 seed = 0                    # model init, data order, latent draws
 out_dir = 'out'             # ckpt.pt, snapshot_*.pt, config.json, log.jsonl, grid_*.png
-init_from = 'scratch'       # scratch (refuses an out_dir that holds a run) | resume (out_dir/ckpt.pt) | a checkpoint to fine-tune
+init_from = 'scratch'       # scratch (refuses an out_dir that holds a run) | resume (out_dir/ckpt.pt) | auto (resume where
+                            # ckpt.pt exists, else scratch: for torchrun --max-restarts) | a checkpoint to fine-tune
 log_every = 5.0             # kimg between progress lines
 sample_every = 40.0         # kimg between sample grids
-ckpt_every = 20.0           # kimg between writes of ckpt.pt, the file that resumes
+ckpt_every = 20.0           # kimg between writes of ckpt.pt, the file that resumes (also at each phase end and exit)
+ckpt_minutes = 10.0         # ... and at most this many minutes apart (0 = kimg only); written in the background
 snapshot_every = 0.0        # kimg between numbered EMA snapshots snapshot_*.pt (also one at each phase end; 0 = those only)
 dry_run = False             # print the resolved config and the phase table, then exit
+prepare_only = False        # build the data cache (folders) or key list (LSUN), say where and how large, then exit
+dist_timeout = 60.0         # minutes a rank waits to reach the master, and for any one collective
 wandb_log = False           # also log to Weights & Biases (imported only when on)
 wandb_project = 'automodulator'  # W&B project
 CONFIG_KEYS = sorted(set(globals()) - _before - {'_before'})
@@ -133,10 +139,11 @@ RULES = dict(
     beta1=between(0, 1, open_hi=True), beta1_dec=between(0, 1, open_hi=True),
     mix_ratio=between(0, 1), ema_decay=between(0, 1),
     device=ANY, dtype=one_of('auto', *model.DTYPES), compile=ANY, channels_last=ANY, seed=integer(0),
-    out_dir=PATH, init_from=Rule("'scratch', 'resume', or a checkpoint to fine-tune (a path or a released model's name)",
+    out_dir=PATH, init_from=Rule("'scratch', 'resume', 'auto', or a checkpoint to fine-tune (a path or a released model's name)",
                                  lambda v: isinstance(v, str) and v != '', expand_path),
-    log_every=above(0), sample_every=at_least(0), ckpt_every=at_least(0), snapshot_every=at_least(0),
-    dry_run=ANY, wandb_log=ANY, wandb_project=ANY,
+    log_every=above(0), sample_every=at_least(0), ckpt_every=at_least(0), ckpt_minutes=at_least(0),
+    snapshot_every=at_least(0),
+    dry_run=ANY, prepare_only=ANY, dist_timeout=above(0), wandb_log=ANY, wandb_project=ANY,
     **{k: at_least(0) for k in CONFIG_KEYS if k.startswith('lambda_')},    # loss weights
 )
 # What a resumed run may not change: the checkpoint would mean something else.
@@ -307,6 +314,11 @@ def resolve(given, say=print):
     given = clean(given, RULES)                               # paths: ~ and $VARS expanded
     start = {**DEFAULTS, **given}
     check({k: start[k] for k in ('dataset', 'init_from', 'out_dir')}, RULES)
+    if start['init_from'] == 'auto':                          # a restarted worker finds its run again
+        found = os.path.exists(os.path.join(start['out_dir'], 'ckpt.pt'))
+        say(f'--init_from=auto: {"resuming " + os.path.join(start["out_dir"], "ckpt.pt") if found else "a new run"}')
+        given = {**given, 'init_from': 'resume' if found else 'scratch'}
+        start = {**DEFAULTS, **given}
     if start['init_from'] == 'resume':
         cfg = resumed_settings(read_checkpoint(start['out_dir']), given, say)
         cfg.update({k: start[k] for k in ('init_from', 'out_dir', 'dry_run')})    # the folder may have moved
@@ -457,16 +469,20 @@ class Trainer:
         self.distance = losses.pixel_distance(cfg['recon'], self.robust, fit_robust=recon_dec == 'robust')
         self.distance_dec = losses.pixel_distance(recon_dec, self.robust)
         # paper A.1: Adam, beta1 = 0, beta2 = 0.99; the robust loss's alpha and scale learn with the encoder
-        self.opt_enc = torch.optim.Adam(list(self.encoder.parameters()) + list(self.robust.parameters()),
-                                        lr=cfg['lr'][4], betas=(cfg['beta1'], 0.99), eps=1e-8)
-        self.opt_dec = torch.optim.Adam(self.decoder.parameters(), lr=cfg['lr'][4], betas=(cfg['beta1_dec'], 0.99),
-                                        eps=1e-8)
+        self.params_enc = list(self.encoder.parameters()) + list(self.robust.parameters())
+        self.params_dec = list(self.decoder.parameters())
+        fused = dict(fused=True) if dev.type == 'cuda' else {}  # one kernel for all parameters
+        self.opt_enc = torch.optim.Adam(self.params_enc, lr=cfg['lr'][4], betas=(cfg['beta1'], 0.99), eps=1e-8, **fused)
+        self.opt_dec = torch.optim.Adam(self.params_dec, lr=cfg['lr'][4], betas=(cfg['beta1_dec'], 0.99), eps=1e-8,
+                                        **fused)
         self.dtype = model.resolve_dtype(cfg['dtype'], dev)  # 'auto' is resolved on each start, resumes too
         half = self.dtype == 'float16'                       # float16 needs loss scaling; bfloat16 does not
         self.scaler_enc, self.scaler_dec = (torch.amp.GradScaler(dev.type, enabled=half) for _ in range(2))
         dtype = model.DTYPES[self.dtype]
         self.autocast = torch.autocast(dev.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
         self.gen = torch.Generator().manual_seed(cfg['seed'] + 1)
+        # the latents are drawn where the networks are: on a GPU from a generator of its own
+        self.gen_z = self.gen if dev.type == 'cpu' else torch.Generator(dev).manual_seed(cfg['seed'] + 3)
         self.sample_z = model.sample_prior(8, mcfg.nz, generator=torch.Generator().manual_seed(cfg['seed'] + 2)).to(dev)
         self.images_seen, self.step = 0, 0
         self.start_res, self.started_from = 4, None         # a fine-tune starts at its checkpoint's resolution
@@ -485,7 +501,8 @@ class Trainer:
                     decoder_ema=self.ema.state_dict(), robust=self.robust.state_dict(),
                     opt_enc=self.opt_enc.state_dict(), opt_dec=self.opt_dec.state_dict(),
                     scaler_enc=self.scaler_enc.state_dict(), scaler_dec=self.scaler_dec.state_dict(),
-                    rng=dict(shared=self.gen.get_state(), ranks=all_rng_states(self.world, self.dev)),
+                    rng=dict(shared=self.gen.get_state(), ranks=all_rng_states(self.world, self.dev),
+                             latents=None if self.gen_z is self.gen else self.gen_z.get_state()),
                     config=self.cfg, sample_z=self.sample_z.cpu(), start_res=self.start_res,
                     started_from=self.started_from)
 
@@ -516,6 +533,8 @@ class Trainer:
         self.images_seen, self.step = images_seen_of(ck), ck['step']
         self.start_res, self.started_from = ck.get('start_res', 4), ck.get('started_from')
         self.gen.set_state(ck['rng']['shared'])
+        if self.gen_z is not self.gen and ck['rng'].get('latents') is not None:
+            self.gen_z.set_state(ck['rng']['latents'])
         self.sample_z = ck['sample_z'].to(self.dev)
         if self.rank < len(ck['rng']['ranks']):
             mine = ck['rng']['ranks'][self.rank]
@@ -525,33 +544,38 @@ class Trainer:
 
     def step_on(self, x, res, alpha, fading):
         """One iteration on the real batch x: encoder update, decoder update, EMA. Returns the
-        logged parts (detached scalars)."""
+        logged parts (detached scalars, still on the device: nothing here waits for the device).
+        Each backward names the parameters it trains; the other network's weights get no gradient
+        while gradients flow through it (requires_grad never changes, so compiled blocks stay valid)."""
         cfg, authors = self.cfg, self.cfg['authors']
         weights = loss_weights(cfg, fading)
-        # encoder step: L_phi; the decoder is frozen, gradients flow through it into the encoder
-        self.decoder.requires_grad_(False)
-        self.encoder.requires_grad_(True)
+        invariance_k = model.INVARIANCE_K if invariance_on(cfg, res, alpha) else 0
+        # the decoder's lambda_x_dec term decodes the same phi(x) with the same weights as L_phi's
+        # reconstruction: one pass serves both (losses.encoder_loss), where the two take one distance
+        shared = weights['lambda_x_dec'] > 0 and self.share_recon and not invariance_k
+        top = losses.mix_splits(self.decoder, res, alpha)   # both steps' splits j: one read of the CPU generator
+        j_enc, j_dec = torch.randint(1, top + 1, (2,), generator=self.gen).tolist() if top else (None, None)
+        self.opt_dec.zero_grad(set_to_none=True)
+        # encoder step: L_phi; gradients flow through the decoder into the encoder
         with torch.no_grad(), self.autocast:
             fakes = losses.fake_batch(self.decoder, x.shape[0], res, alpha, cfg['mix_ratio'], self.gen,
-                                      rank=self.rank, world=self.world).images
+                                      rank=self.rank, world=self.world, z_generator=self.gen_z, j=j_enc).images
         with self.autocast:
             loss_enc, parts_enc, z_real = losses.encoder_loss(
                 self.encoder, self.decoder, self.distance, x, fakes.float(), res, alpha, cfg['margin'][res], weights,
                 extra_kl=cfg['extra_kl'] or authors, upper_clamp=cfg['upper_clamp'] or authors, gather=gather,
-                invariance_k=model.INVARIANCE_K if invariance_on(cfg, res, alpha) else 0)
-        self.update(loss_enc, parts_enc, 'encoder', self.opt_enc, self.scaler_enc,
-                    list(self.encoder.parameters()) + list(self.robust.parameters()))
-        # decoder step: L_theta; the encoder and d_rho's alpha and scale are frozen, gradients flow through them
-        self.encoder.requires_grad_(False)
-        self.robust.requires_grad_(False)
-        self.decoder.requires_grad_(True)
+                invariance_k=invariance_k, lambda_x_dec=weights['lambda_x_dec'] if shared else 0.0)
+        rec_dec = parts_enc.pop('rec_dec', None)
+        self.update(loss_enc, self.opt_enc, self.scaler_enc, self.params_enc, self.params_dec if shared else [])
+        # decoder step: L_theta; gradients flow through the encoder (and d_rho, as it now stands)
         with self.autocast:
             loss_dec, parts_dec = losses.decoder_loss(
-                self.encoder, self.decoder, x.shape[0], res, alpha, weights, cfg['mix_ratio'], self.gen,
-                rank=self.rank, world=self.world, gather=gather, x=x, distance=self.distance_dec, z_real=z_real)
-        self.update(loss_dec, parts_dec, 'decoder', self.opt_dec, self.scaler_dec, list(self.decoder.parameters()))
-        self.encoder.requires_grad_(True)
-        self.robust.requires_grad_(True)
+                self.encoder, self.decoder, x.shape[0], res, alpha, {**weights, 'lambda_x_dec': 0.0} if shared else
+                weights, cfg['mix_ratio'], self.gen, rank=self.rank, world=self.world, gather=gather, x=x,
+                distance=self.distance_dec, z_real=z_real, z_generator=self.gen_z, j=j_dec)
+        if shared:
+            parts_dec['rec_dec'] = rec_dec
+        self.update(loss_dec, self.opt_dec, self.scaler_dec, self.params_dec, keep_grad=shared)
         # the decay ramps up to ema_decay ((1 + t) / (10 + t), as TF's ExponentialMovingAverage), so
         # that early samples and short runs do not average in the random initialization; a fine-tune's
         # EMA starts from a trained average and keeps the full decay
@@ -561,14 +585,20 @@ class Trainer:
         self.step += 1
         return dict(loss_enc=loss_enc.detach(), **parts_enc, loss_dec=loss_dec.detach(), **parts_dec)
 
-    def update(self, loss, parts, which, opt, scaler, params):
-        if not torch.isfinite(loss):
-            bad = [k for k, v in parts.items() if torch.is_tensor(v) and not torch.isfinite(v).all()]
-            where = f'in {", ".join(bad)}' if bad else 'in the weighted sum (its terms are finite: check the loss weights)'
-            _fail(f'the {which} loss is not finite at {self.images_seen / 1000:.3f} kimg, {where}; the last '
-                  f'checkpoint is kept. Try a lower lr, or --dtype=float32')
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
+    @property
+    def share_recon(self):
+        """One decoder pass for both reconstruction terms: the same distance in both, and no float16
+        (its two loss scales would differ)."""
+        return (self.cfg['recon_dec'] or self.cfg['recon']) == self.cfg['recon'] and self.dtype != 'float16'
+
+    def update(self, loss, opt, scaler, params, also=(), keep_grad=False):
+        """Backpropagate into params (and `also`, whose step comes later) and step opt on params.
+        keep_grad: params already hold gradient from the encoder step's shared pass, to add to.
+        A non-finite loss is caught by the caller once per log interval (train_loop), not here: a
+        check here would wait for the device every step."""
+        if not keep_grad:
+            opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward(inputs=params + list(also))
         average_gradients(params)
         scaler.step(opt)
         scaler.update()
@@ -604,14 +634,57 @@ def write_grid(t, reals, res, alpha):
     return path
 
 
-def write_snapshot(t, res, alpha):
+def write_snapshot(t, res, alpha, writer):
     """snapshot_<images seen>.pt: the EMA model at this point, for model.load_checkpoint, sample.py
     and metrics.py --ckpt= (ckpt.pt alone resumes)."""
     path = os.path.join(t.cfg['out_dir'], f'snapshot_{t.images_seen:09d}.pt')
-    model.save_checkpoint(path, model_config=asdict(t.mcfg), res=res, alpha=alpha, kimg=t.images_seen / 1000,
-                          images_seen=t.images_seen, encoder=t.encoder.state_dict(), decoder_ema=t.ema.state_dict(),
-                          robust=t.robust.state_dict(), config=t.cfg)
+    writer.save(path, dict(model_config=asdict(t.mcfg), res=res, alpha=alpha, kimg=t.images_seen / 1000,
+                           images_seen=t.images_seen, encoder=t.encoder.state_dict(), decoder_ema=t.ema.state_dict(),
+                           robust=t.robust.state_dict(), config=t.cfg))
     return path
+
+
+def to_host(obj):
+    """A copy of a state (dicts, lists, tensors) in host memory, detached from what training changes next."""
+    if torch.is_tensor(obj):
+        return obj.detach().to('cpu', copy=True)
+    if isinstance(obj, dict):
+        return {k: to_host(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_host(v) for v in obj)
+    return obj
+
+
+class Writer:
+    """Checkpoints and snapshots written by a background thread while training goes on: the state
+    is copied to host memory first, then written atomically (model.save_checkpoint); one write at a
+    time. A failed write (a full disk) leaves the file before it in place and stops the run with
+    one line at the next save or at the end; `wait` is what Ctrl-C, SIGTERM and the end wait on."""
+
+    def __init__(self):
+        self.thread, self.error = None, None
+
+    def save(self, path, state):
+        self.wait()
+        host = to_host(state)
+        self.thread = threading.Thread(target=self._write, args=(path, host), name='checkpoint-writer')
+        self.thread.start()
+
+    def _write(self, path, state):
+        try:
+            model.save_checkpoint(path, **state)
+        except Exception as e:                             # noqa: BLE001 (reported by wait, in the main thread)
+            self.error = (path, e)
+
+    def wait(self):
+        if self.thread is not None:
+            self.thread.join()
+            self.thread = None
+        if self.error:
+            path, e = self.error
+            self.error = None
+            _fail(f'could not write {path} ({type(e).__name__}: {str(e).splitlines()[0][:160]}); the file '
+                  f'before it is intact: free space or pick another --out_dir, then --init_from=resume')
 
 
 def crossed(kimg, step_images, every):
@@ -702,15 +775,36 @@ class Run:
         self.stop = None                     # the signal's name once Ctrl-C or SIGTERM asked to stop
 
 
+def process_store(r, timeout):
+    """The key-value store the ranks meet in: torchrun's own (or rank 0's), under a prefix of this
+    attempt. Without it, workers that torchrun --max-restarts restarted read the addresses the
+    previous attempt's workers left in torchrun's store, and cannot connect (pytorch issue 135712)."""
+    if not os.environ.get('MASTER_ADDR') or not os.environ.get('MASTER_PORT'):
+        _fail(f'WORLD_SIZE={r.world} but MASTER_ADDR and MASTER_PORT are not set; start several processes with torchrun')
+    host, port = os.environ['MASTER_ADDR'], int(os.environ['MASTER_PORT'])
+    serves = r.rank == 0 and os.environ.get('TORCHELASTIC_USE_AGENT_STORE') != 'True'
+    store = dist.TCPStore(host, port, r.world, is_master=serves, timeout=timeout)
+    return dist.PrefixStore(f'automodulator/attempt{os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")}', store)
+
+
 def start_processes(r):
-    """The device, and the process group under torchrun."""
+    """The device, and the process group under torchrun (after the data is prepared: a cache build
+    of an hour does not count against the group's timeout)."""
     dev = model.resolve_device(r.cfg['device'], r.local)
     if dev.type == 'cuda':
         torch.cuda.set_device(dev)
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if r.world > 1:
-        dist.init_process_group('nccl' if dev.type == 'cuda' else 'gloo')
+        master = f'{os.environ.get("MASTER_ADDR", "?")}:{os.environ.get("MASTER_PORT", "?")}'
+        timeout = datetime.timedelta(minutes=r.cfg['dist_timeout'])
+        try:
+            dist.init_process_group('nccl' if dev.type == 'cuda' else 'gloo', store=process_store(r, timeout),
+                                    rank=r.rank, world_size=r.world, timeout=timeout)
+        except (RuntimeError, ValueError, TimeoutError) as e:     # DistStoreError is a RuntimeError
+            _fail(f'rank {r.rank} could not join the process group at {master} within --dist_timeout='
+                  f'{r.cfg["dist_timeout"]:g} min ({type(e).__name__}: {str(e).splitlines()[0][:160]}); check '
+                  f'--master_addr / --master_port (or --rdzv-endpoint) and that node 0 is up')
     return dev
 
 
@@ -732,23 +826,45 @@ def build_trainer(r, dev):
     return t
 
 
-def load_data(r, t, dev):
-    """The train split (rank 0 builds any folder cache first, the others read it when complete) and
-    the 8 real images of the grids: held-out ones where the data set has them."""
-    cfg = {**r.cfg, 'max_res': t.mcfg.max_res}
-    if r.world > 1 and not r.master:
-        dist.barrier()
+def prepare_data(r):
+    """The train split and the split the grids show, opened before the process group exists: a
+    folder's cache is built (or an LSUN key list scanned) by one process per cache folder, which
+    with a node-local --cache_dir is one per node; the others wait on its lock (data.BuildLock).
+    Each node's local rank 0 shows the progress."""
+    cfg, log = r.cfg, print if r.local == 0 else None
     try:
-        source = data.open_split(cfg, 'train', r.say)
-    except (ValueError, FileNotFoundError, ImportError) as e:
+        source = data.open_split(cfg, 'train', log)
+        held_out = cfg['dataset'] == 'shapes' or cfg['test_fraction'] > 0
+        grid_source = data.open_split({**cfg, 'num_workers': 0}, 'test' if held_out else 'train', log)
+    except (ValueError, FileNotFoundError, ImportError, OSError) as e:
         _fail(e)
-    if r.world > 1 and r.master:
-        dist.barrier()
+    return source, grid_source
+
+
+def load_data(r, t, dev, source, grid_source):
+    """The checks the data needs against the schedule, and the 8 real images of the grids (held-out
+    ones where the data set has them)."""
     check_enough_images(source, r.cfg, r.table, r.world)
-    held_out = cfg['dataset'] == 'shapes' or cfg['test_fraction'] > 0
-    grid_source = data.open_split({**cfg, 'num_workers': 0}, 'test' if held_out else 'train')
-    grid_reals = grid_source.load_batch([i % len(grid_source) for i in range(8)], t.mcfg.max_res).to(dev)
-    return source, grid_reals
+    return grid_source.load_batch([i % len(grid_source) for i in range(8)], t.mcfg.max_res).to(dev)
+
+
+def trim_log(path, kimg):
+    """Drop the lines a crash left past the checkpoint (and a line it cut short): the resumed run
+    logs those kimg again."""
+    def before(line):
+        try:
+            return json.loads(line)['kimg'] <= kimg + 1e-9
+        except (ValueError, KeyError, TypeError):
+            return False
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = f.readlines()
+    keep = [line for line in lines if before(line)]
+    if len(keep) < len(lines):
+        with open(f'{path}.tmp', 'w') as f:
+            f.writelines(keep)
+        os.replace(f'{path}.tmp', path)
 
 
 def announce(r, t, dev, source):
@@ -756,6 +872,8 @@ def announce(r, t, dev, source):
     cfg = r.cfg
     if r.master:
         os.makedirs(cfg['out_dir'], exist_ok=True)
+        if r.resume:
+            trim_log(os.path.join(cfg['out_dir'], 'log.jsonl'), t.images_seen / 1000)
         with open(os.path.join(cfg['out_dir'], 'config.json'), 'w') as f:
             json.dump({**cfg, 'model_config': asdict(t.mcfg), 'world_size': r.world}, f, indent=1, default=str)
         if cfg['wandb_log']:
@@ -793,15 +911,78 @@ def enter_phase(r, t, source, res, p, dev, say_so):
     return loader
 
 
-def stopping_everywhere(r, dev):
-    """True when a signal asked any rank to stop: every rank must stop at the same step (the save is a collective)."""
+AGREE_EVERY = 50        # steps between the ranks' agreement on a signal and a timed save (0.2-5 s on a GPU)
+
+
+def agree(r, dev, now, save_due):
+    """(stop, save): whether a signal asked any rank to stop, and whether the timed checkpoint is
+    due: every rank must stop and save at the same step (the save is a collective). One process
+    reads its own flags every step; several agree only when `now`, as that read waits for the device."""
     stopping = r.stop is not None
-    if r.world > 1:
-        flag = torch.tensor([float(stopping)], device=dev)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        stopping = flag.item() > 0
-        r.stop = r.stop or ('a signal on another rank' if stopping else None)
-    return stopping
+    if r.world == 1:
+        return stopping, save_due
+    if not now:
+        return False, False
+    flags = torch.tensor([float(stopping), float(save_due)], device=dev)
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    stopping, save_due = (v > 0 for v in flags.tolist())
+    r.stop = r.stop or ('a signal on another rank' if stopping else None)
+    return stopping, save_due
+
+
+class Terms:
+    """The logged terms of the steps since the last progress line, summed on the device, and for
+    each the images seen when it first went non-finite: a NaN is named where it started, not by all
+    the terms it spread to. Read once per line (`read`), the one wait for the device in that interval."""
+
+    ENCODER = ('loss_enc', 'kl_real', 'kl_fake', 'recon', 'inv')     # the encoder step's, which comes first
+
+    def __init__(self):
+        self.groups = {}        # term names (a step's, in order) -> [sums, steps, first non-finite]
+
+    def add(self, parts, images_seen):
+        names = tuple(parts)                          # inv joins at 8x8: a new group
+        v = torch.stack([parts[k].float() for k in names])
+        g = self.groups.setdefault(names, [torch.zeros_like(v), 0, torch.full_like(v, math.inf)])
+        g[0] += v
+        g[1] += 1
+        g[2] = torch.where(torch.isfinite(v) | (g[2] < math.inf), g[2], torch.full_like(v, images_seen))
+
+    def read(self):
+        """{term: mean over the steps (and ranks)}, and a list of the terms that went non-finite
+        first (of the earliest step; the encoder's before the decoder's, which run after its update)."""
+        if not self.groups:
+            return {}, []
+        sums = torch.cat([g[0] for g in self.groups.values()])
+        first = torch.cat([g[2] for g in self.groups.values()])
+        if distributed():
+            dist.all_reduce(sums)
+            sums /= dist.get_world_size()
+            dist.all_reduce(first, op=dist.ReduceOp.MIN)
+        values = torch.cat([sums, first]).tolist()
+        sums, first = values[:len(values) // 2], values[len(values) // 2:]
+        means, totals, i = {}, {}, 0
+        for names, (_, steps, _) in self.groups.items():
+            for k in names:
+                means[k] = means.get(k, 0.0) + sums[i]
+                totals[k] = totals.get(k, 0) + steps
+                i += 1
+        names = [k for group in self.groups for k in group]
+        start = min(first)
+        bad = list(dict.fromkeys(k for k, f in zip(names, first) if f == start)) if start < math.inf else []
+        in_encoder = [k for k in bad if k in Terms.ENCODER]
+        return {k: v / totals[k] for k, v in means.items()}, in_encoder or bad
+
+
+def check_finite(terms, since_kimg, kimg):
+    """The means of the terms; stop without writing anything once one has gone non-finite."""
+    means, bad = terms.read()
+    if bad:
+        hint = ('its terms are finite: check the loss weights' if set(bad) <= {'loss_enc', 'loss_dec'} else
+                'try a lower lr, or --dtype=float32')
+        _fail(f'a loss went non-finite between {since_kimg:.3f} and {kimg:.3f} kimg, in {", ".join(bad)} ({hint}); '
+              f'the last checkpoint is kept')
+    return means
 
 
 def log_progress(r, t, means, p, res, alpha, rate, dev):
@@ -820,11 +1001,11 @@ def log_progress(r, t, means, p, res, alpha, rate, dev):
             wandb.log(record, step=t.step)
 
 
-def train_loop(r, t, source, grid_reals, dev):
+def train_loop(r, t, source, grid_reals, dev, writer):
     """Steps until end_kimg or a signal: progress lines, grids, checkpoints and snapshots on the way."""
     cfg = r.cfg
-    cur_res, loader, last_log, t_log = None, None, t.images_seen, time.time()
-    sums, counts = {}, {}             # per term: a term can be absent from some steps (inv before 8x8)
+    cur_res, loader, last_log, t_log, t_save = None, None, t.images_seen, time.time(), time.time()
+    terms = Terms()
     while t.images_seen / 1000 < r.end_kimg:
         p, res, alpha, fading = schedule(t.images_seen / 1000, r.table, cfg['fade'])
         if res != cur_res:
@@ -836,27 +1017,33 @@ def train_loop(r, t, source, grid_reals, dev):
                                world=r.world)
         if cfg['channels_last']:
             x = x.contiguous(memory_format=torch.channels_last)
-        for k, v in t.step_on(x, res, alpha, fading).items():
-            sums[k] = sums.get(k, 0.0) + v.float()
-            counts[k] = counts.get(k, 0) + 1
+        terms.add(t.step_on(x, res, alpha, fading), t.images_seen)
         kimg, step_images = t.images_seen / 1000, batch * r.world
         finished = kimg >= r.end_kimg
-        done = finished or stopping_everywhere(r, dev)
+        log_now = kimg - last_log / 1000 >= cfg['log_every']
+        timed = cfg['ckpt_minutes'] > 0 and time.time() - t_save >= cfg['ckpt_minutes'] * 60
+        stop, timed = agree(r, dev, log_now or t.step % AGREE_EVERY == 0, timed)
+        done = finished or stop
+        phase_over = schedule(kimg, r.table, cfg['fade'])[0] != p
+        save = crossed(kimg, step_images, cfg['ckpt_every']) or timed or phase_over or done
+        snapshot = crossed(kimg, step_images, cfg['snapshot_every']) or phase_over or finished
 
-        # Print the progress line, write grids, checkpoint and snapshots.
-        if kimg - last_log / 1000 >= cfg['log_every'] or done:
-            means = {k: v.item() / counts[k] for k, v in all_mean(sums).items()}
+        # Print the progress line (the one read of the device per interval), write grids, checkpoint
+        # and snapshots, each only with weights that every term so far has left finite.
+        if log_now or done or save or snapshot:
+            means = check_finite(terms, last_log / 1000, kimg)
+        if log_now or done:
             log_progress(r, t, means, p, res, alpha, (t.images_seen - last_log) / (time.time() - t_log), dev)
-            sums, counts, last_log, t_log = {}, {}, t.images_seen, time.time()
+            terms, last_log, t_log = Terms(), t.images_seen, time.time()
         if r.master and crossed(kimg, step_images, cfg['sample_every']) and not done:
             write_grid(t, grid_reals, res, alpha)
-        phase_over = schedule(kimg, r.table, cfg['fade'])[0] != p
-        if crossed(kimg, step_images, cfg['ckpt_every']) or done:
+        if save:
             state = t.state()                             # every rank takes part (RNG states)
             if r.master:
-                model.save_checkpoint(r.ckpt_path, res=res, alpha=alpha, **state)
-        if r.master and (crossed(kimg, step_images, cfg['snapshot_every']) or phase_over or finished):
-            write_snapshot(t, res, alpha)
+                writer.save(r.ckpt_path, dict(res=res, alpha=alpha, **state))
+            t_save = time.time()
+        if r.master and snapshot:
+            write_snapshot(t, res, alpha, writer)
         if done:        # checked after the save: a signal that lands between steps still gets one
             break
 
@@ -868,13 +1055,23 @@ def run(cfg):
         r.say(json.dumps(cfg, indent=1, default=str))
         print_plan(cfg, r.table, r.end_kimg, r.world, r.say)
         return
+    source, grid_source = prepare_data(r)
+    if cfg['prepare_only']:
+        where = f' in {source.dir}' if hasattr(source, 'dir') else ''
+        r.say(f'prepared: {len(source):,} train images of {cfg["dataset"]}{where}; a run with these settings '
+              f'starts training at once')
+        return
     dev = start_processes(r)
     t = build_trainer(r, dev)
-    source, grid_reals = load_data(r, t, dev)
+    grid_reals = load_data(r, t, dev, source, grid_source)
     announce(r, t, dev, source)
     catch_signals(r)
     r.t_start, kimg_start = time.time(), t.images_seen / 1000
-    train_loop(r, t, source, grid_reals, dev)
+    writer = Writer()
+    try:
+        train_loop(r, t, source, grid_reals, dev, writer)
+    finally:                                              # a stop waits for the last write
+        writer.wait()
 
     # Finish: the last grid, a check that all ranks agree, a summary.
     kimg = t.images_seen / 1000
