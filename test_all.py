@@ -766,7 +766,7 @@ def test_one_shared_reconstruction_pass_gives_both_steps_their_gradients(recon):
     shared.backward(inputs=enc + rob + dec)
     together = grads(enc + rob + dec)
     assert torch.allclose(shared, loss) and torch.allclose(parts_shared['rec_dec'], parts['recon'])
-    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-7) for a, b in zip(apart, together))
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-5 * a.abs().max().item()) for a, b in zip(apart, together))
     assert sum(g.abs().sum() for g in together[len(enc) + len(rob):]) > 0        # the decoder did get its part
 
 
@@ -807,6 +807,9 @@ def test_a_training_step_reads_the_device_at_most_once():
     assert len(at_8) <= 1 and len(reads) <= 2, reads
     means, bad = terms.read()
     assert not bad and set(means) >= {'loss_enc', 'recon', 'loss_dec', 'rec_dec'}
+    # loss_dec is the decoder's whole loss also when its reconstruction term came from the shared pass
+    whole = means['kl_dec'] + cfg['lambda_z'] * means['dcos'] + cfg['lambda_x_dec'] * means['rec_dec']
+    assert cfg['lambda_j'] == 0 and abs(means['loss_dec'] - whole) < 1e-4 * max(1, abs(whole))
 
 
 def test_invariance_loss_generalizes_reconstruction():
@@ -1126,6 +1129,19 @@ def test_processes_that_open_one_folder_at_once_share_one_build(tmp_path, monkey
     assert any(line.startswith('waiting for another process to finish the cache') for line in lines), lines
     assert all(np.array_equal(results[0][1], r[1]) for r in results)
     assert sorted(os.listdir(tmp_path / 'cache')) == ['4x4.u8', '8x8.u8', 'build.lock', 'index.json']   # no temporaries
+
+
+def test_train_prepare_only_builds_the_cache_and_trains_nothing(tmp_path, capsys):
+    import train as T
+    root = tmp_path / 'imgs'
+    _noisy_folder(root, n=8)
+    cfg = T.settings(dict(dataset='folder', data_root=str(root), max_res=8, out_dir=str(tmp_path / 'run'),
+                          prepare_only=True))
+    T.main(cfg)
+    out = capsys.readouterr().out
+    assert 'caching 8 images of' in out and '1.9 KiB (--cache_dir moves it)' in out
+    assert f'prepared: 8 train images of folder in {root / ".automodulator_cache"}' in out
+    assert (root / '.automodulator_cache' / 'index.json').exists() and not (tmp_path / 'run').exists()
 
 
 def test_a_cache_larger_than_the_free_disk_is_refused_before_it_is_written(tmp_path, monkeypatch):
@@ -1785,7 +1801,7 @@ def test_torchrun_two_nodes_with_their_own_caches_match_one_node(tmp_path):
 
     def args(out, cache):
         return ['train.py', '--dataset=folder', f'--data_root={root}', f'--cache_dir={cache}', f'--out_dir={out}',
-                '--max_res=8', '--width=0.0625', '--nz=32', '--phase_kimg={4: 0.016, 8: 0.016}',
+                '--max_res=8', '--width=0.0625', '--nz=32', '--phase_kimg={4: 0.008, 8: 0.016}',
                 '--batch_size=2', '--log_every=0.008', '--sample_every=0', '--num_workers=0']
     port = _free_port()
     nodes = [subprocess.Popen([sys.executable, '-m', 'torch.distributed.run', '--nnodes=2', f'--node_rank={k}',
@@ -1801,7 +1817,7 @@ def test_torchrun_two_nodes_with_their_own_caches_match_one_node(tmp_path):
     assert all(sorted(os.listdir(tmp_path / c)) == ['4x4.u8', '8x8.u8', 'build.lock', 'index.json']
                for c in ('cache0', 'cache1'))                                  # each node built its own
     a, b = (torch.load(tmp_path / d / 'ckpt.pt', map_location='cpu', weights_only=True) for d in ('two', 'one'))
-    assert a['images_seen'] == b['images_seen'] == 32
+    assert a['images_seen'] == b['images_seen'] == 24
     for net in ('encoder', 'decoder', 'decoder_ema'):
         worst = max((a[net][k] - b[net][k]).abs().max().item() for k in a[net] if a[net][k].is_floating_point())
         assert worst < 1e-6, (net, worst)

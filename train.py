@@ -4,7 +4,7 @@
     python train.py --dataset=folder --data_root=~/photos --max_res=64 --batch_size=16
     python train.py --init_from=resume --total_kimg=400    # continue out/ckpt.pt, for longer
     python train.py --init_from=ffhq256 --dataset=folder --data_root=~/faces   # fine-tune a released model
-    torchrun --standalone --nproc_per_node=8 train.py --dataset=lsun_cars --data_root=/data/lsun/car
+    torchrun --standalone --nproc_per_node=8 --max-restarts=3 train.py --dataset=lsun_cars --data_root=/data/lsun/car --init_from=auto
 
 Each step is one encoder update (L_phi of Eq. 6, which also trains the robust loss's alpha and
 scale) and one decoder update (L_theta of Eq. 6 with the layer-specific loss L_j), each with the
@@ -573,9 +573,11 @@ class Trainer:
                 self.encoder, self.decoder, x.shape[0], res, alpha, {**weights, 'lambda_x_dec': 0.0} if shared else
                 weights, cfg['mix_ratio'], self.gen, rank=self.rank, world=self.world, gather=gather, x=x,
                 distance=self.distance_dec, z_real=z_real, z_generator=self.gen_z, j=j_dec)
-        if shared:
-            parts_dec['rec_dec'] = rec_dec
         self.update(loss_dec, self.opt_dec, self.scaler_dec, self.params_dec, keep_grad=shared)
+        loss_dec = loss_dec.detach()
+        if shared:                             # logged as the decoder's whole loss, as when it is computed here
+            parts_dec['rec_dec'] = rec_dec
+            loss_dec = loss_dec + weights['lambda_x_dec'] * rec_dec
         # the decay ramps up to ema_decay ((1 + t) / (10 + t), as TF's ExponentialMovingAverage), so
         # that early samples and short runs do not average in the random initialization; a fine-tune's
         # EMA starts from a trained average and keeps the full decay
@@ -583,7 +585,7 @@ class Trainer:
         model.update_ema(self.ema, self.decoder, min(cfg['ema_decay'], ramp))
         self.images_seen += x.shape[0] * self.world
         self.step += 1
-        return dict(loss_enc=loss_enc.detach(), **parts_enc, loss_dec=loss_dec.detach(), **parts_dec)
+        return dict(loss_enc=loss_enc.detach(), **parts_enc, loss_dec=loss_dec, **parts_dec)
 
     @property
     def share_recon(self):
@@ -648,8 +650,11 @@ def to_host(obj):
     """A copy of a state (dicts, lists, tensors) in host memory, detached from what training changes next."""
     if torch.is_tensor(obj):
         return obj.detach().to('cpu', copy=True)
-    if isinstance(obj, dict):
-        return {k: to_host(v) for k, v in obj.items()}
+    if isinstance(obj, dict):                 # a state_dict's OrderedDict keeps its _metadata (versions)
+        out = type(obj)((k, to_host(v)) for k, v in obj.items())
+        if hasattr(obj, '_metadata'):
+            out._metadata = obj._metadata
+        return out
     if isinstance(obj, (list, tuple)):
         return type(obj)(to_host(v) for v in obj)
     return obj
