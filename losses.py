@@ -395,7 +395,7 @@ def decoder_loss(encoder, decoder, n, res, alpha, weights, mix_ratio, generator=
     """L_theta of Eq. 6: KL(phi(x_hat)) + lambda_Z d_cos(z, phi(theta(z))) + lambda_j L_j.
 
     weights: the loss weights by their names in train.py (lambda_z, lambda_j, lambda_x_dec). The KL
-    covers the whole batch; d_cos the regular samples; L_j the mixed ones (second pass, Fig. 3c).  The
+    covers the whole batch; d_cos the regular samples; L_j the mixed ones (second pass, Fig. 3c). The
     caller backpropagates into the decoder alone (train.py names its parameters); gradients flow
     through the encoder.
     lambda_x_dec > 0 (not in the paper nor the authors' code): the decoder also learns to reconstruct

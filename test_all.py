@@ -2173,13 +2173,6 @@ def test_demo_callbacks_mix_edit_and_say_what_went_wrong(tiny_ckpt, tmp_path):
         assert '\n' not in str(e.value) and str(e.value) in ('upload image A first', 'ZeroDivisionError: x')
 
 
-def _free_port():
-    import socket
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
-
 def test_demo_in_a_real_browser_mixes_two_uploads(tiny_ckpt, tmp_path):
     import shutil
     import urllib.request
