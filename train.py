@@ -555,7 +555,6 @@ class Trainer:
         shared = weights['lambda_x_dec'] > 0 and self.share_recon and not invariance_k
         top = losses.mix_splits(self.decoder, res, alpha)   # both steps' splits j: one read of the CPU generator
         j_enc, j_dec = torch.randint(1, top + 1, (2,), generator=self.gen).tolist() if top else (None, None)
-        self.opt_dec.zero_grad(set_to_none=True)
         # encoder step: L_phi; gradients flow through the decoder into the encoder
         with torch.no_grad(), self.autocast:
             fakes = losses.fake_batch(self.decoder, x.shape[0], res, alpha, cfg['mix_ratio'], self.gen,
@@ -594,12 +593,12 @@ class Trainer:
         return (self.cfg['recon_dec'] or self.cfg['recon']) == self.cfg['recon'] and self.dtype != 'float16'
 
     def update(self, loss, opt, scaler, params, also=(), keep_grad=False):
-        """Backpropagate into params (and `also`, whose step comes later) and step opt on params.
-        keep_grad: params already hold gradient from the encoder step's shared pass, to add to.
+        """Backpropagate into params (and `also`, whose step comes later and adds to it) and step
+        opt on params. keep_grad: params already hold gradient from the encoder step's shared pass.
         A non-finite loss is caught by the caller once per log interval (train_loop), not here: a
         check here would wait for the device every step."""
-        if not keep_grad:
-            opt.zero_grad(set_to_none=True)
+        for p in ([] if keep_grad else params) + list(also):
+            p.grad = None
         scaler.scale(loss).backward(inputs=params + list(also))
         average_gradients(params)
         scaler.step(opt)
