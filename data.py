@@ -14,6 +14,7 @@ position, size; appearance: object and background colour, a fine stripe texture)
 `estimate_factors` recovers them from pixels, so mixing can be scored on a CPU.
 """
 import hashlib
+import io
 import json
 import math
 import multiprocessing as mp
@@ -444,100 +445,87 @@ def check_space(folder, need, what):
 
 
 def _decode_all(item):
-    """Worker: decode one file and return it at every requested resolution, or the error text."""
-    path, resolutions = item
+    """Worker: decode one image (a file's path, or an lmdb's (path, key)) and return it at every
+    requested resolution, or the error text."""
+    where, resolutions = item
     try:
-        im = open_rgb(path)
+        im = open_rgb(where if isinstance(where, str) else io.BytesIO(lmdb_value(*where)))
         return [crop_resize(im, r).numpy() for r in resolutions], None
     except Exception as e:                                      # noqa: BLE001 (any decoder failure)
         return None, f'{type(e).__name__}: {e}'
 
 
-class FolderSource:
-    """Images under a folder, cached once as uint8 arrays at every resolution 4..max_res.
+class ResolutionCache:
+    """Images decoded once into uint8 memmaps, one per resolution ((n, 3, r, r) in .npy format,
+    named RxR.u8), and index.json, written last, which marks the cache complete: `files` says what
+    was cached (a folder's file list, an lmdb's selected keys), `valid` which of those items
+    decoded (the rows, in order), `skipped` the names of those that did not. One builder per
+    folder (BuildLock); unreadable items are skipped with a warning that names each, and the build
+    stops only when they are more than MAX_BAD_FRACTION of at least MIN_FILES_FOR_BAD_RULE."""
 
-    The cache (one memmap per resolution plus index.json) is built on first use with a progress line
-    and reused afterwards; unreadable files are skipped with a warning that names each, and the
-    build stops only when they are more than MAX_BAD_FRACTION of a folder of at least
-    MIN_FILES_FOR_BAD_RULE files. `files` is the sorted list; `split` picks the indices to use;
-    `skipped` lists the files that could not be read.
-    """
-    name = 'folder'
-
-    def __init__(self, root, max_res, indices=None, cache_dir='', log=print):
-        self.root, self.max_res = root, max_res
-        self.resolutions = [4 * 2 ** i for i in range(int(math.log2(max_res)) - 1)]
-        self.files = list_images(root)
-        self.dir = _cache_dir(root, cache_dir)
-        self.valid, self.skipped = self._build_cache(log)   # positions in `files` that decoded
-        self.indices = np.arange(len(self.valid)) if indices is None else self._select(indices)
+    def __init__(self, folder, resolutions):
+        self.dir, self.resolutions = folder, resolutions
+        self.index_path = os.path.join(folder, 'index.json')
+        self.paths = {r: os.path.join(folder, f'{r}x{r}.u8') for r in resolutions}
         self._maps = {}
 
-    def _select(self, wanted):
-        """Map file positions to rows of the cache (files that failed to decode drop out)."""
-        row_of = {f: r for r, f in enumerate(self.valid)}
-        return np.array([row_of[i] for i in wanted if i in row_of], dtype=np.int64)
-
-    def _paths(self):
-        return os.path.join(self.dir, 'index.json'), {r: os.path.join(self.dir, f'{r}x{r}.u8') for r in self.resolutions}
-
-    def _complete(self, rel):
-        """(valid, skipped) of a finished cache of exactly these files, else None."""
-        index_path, paths = self._paths()
-        if not os.path.exists(index_path):
+    def complete(self, files):
+        """(valid, skipped) of a finished cache of exactly `files`, else None."""
+        if not os.path.exists(self.index_path):
             return None
-        with open(index_path) as f:
+        with open(self.index_path) as f:
             index = json.load(f)
-        if (index.get('files') == rel and index.get('version') == CACHE_VERSION
-                and all(os.path.exists(p) for p in paths.values())):
+        if (index.get('files') == files and index.get('version') == CACHE_VERSION
+                and all(os.path.exists(p) for p in self.paths.values())):
             return index['valid'], index['skipped']
         return None
 
-    def _build_cache(self, log):
-        index_path, paths = self._paths()
-        rel = [os.path.relpath(f, self.root) for f in self.files]
-        done = self._complete(rel)
+    def build(self, files, items, name_of, what, log):
+        """(valid, skipped), building the cache first unless a complete one of `files` exists.
+        items: the n (where, resolutions) for _decode_all, in row order; name_of(i): item i as the
+        warnings and `skipped` name it; what: the source, as the progress lines name it."""
+        done = self.complete(files)
         if done:
             return done
         os.makedirs(self.dir, exist_ok=True)
         with BuildLock(self.dir, log) as lock:
-            done = self._complete(rel)       # another process may have built it while this one waited
+            done = self.complete(files)      # another process may have built it while this one waited
             if done:
                 return done
-            if os.path.exists(index_path):
+            if os.path.exists(self.index_path):
                 log(f'cache in {self.dir} is stale (files, resolutions or decoding changed): rebuilding')
-            need = len(self.files) * sum(3 * r * r for r in self.resolutions)
-            log(f'caching {len(self.files):,} images of {self.root} at {self.resolutions[0]}..{self.resolutions[-1]} '
-                f'px in {self.dir}: {size_text(need)} (--cache_dir moves it)')
+            n = len(items)
+            need = n * sum(3 * r * r for r in self.resolutions)
+            log(f'caching {n:,} images of {what} at {self.resolutions[0]}..{self.resolutions[-1]} px in {self.dir}: '
+                f'{size_text(need)} (--cache_dir moves it)')
             check_space(self.dir, need, 'the cache')
-            tmp = {r: temporary(p) + '.npy' for r, p in paths.items()}
+            tmp = {r: temporary(p) + '.npy' for r, p in self.paths.items()}
             try:
-                valid, bad = self._decode_into(tmp, rel, lock, log)
-                for r, p in paths.items():       # rows [0, len(valid)) hold the images that decoded
+                valid, bad = self._decode_into(tmp, items, name_of, what, lock, log)
+                for r, p in self.paths.items():     # rows [0, len(valid)) hold the images that decoded
                     os.replace(tmp[r], p)
-                with open(temporary(index_path), 'w') as f:       # written last: it marks the cache complete
-                    json.dump(dict(files=rel, valid=valid, skipped=bad, version=CACHE_VERSION), f)
-                os.replace(temporary(index_path), index_path)
+                with open(temporary(self.index_path), 'w') as f:     # written last: it marks the cache complete
+                    json.dump(dict(files=files, valid=valid, skipped=bad, version=CACHE_VERSION), f)
+                os.replace(temporary(self.index_path), self.index_path)
             finally:                             # an error or Ctrl-C leaves no temporary file behind
-                for path in [*tmp.values(), temporary(index_path)]:
+                for path in [*tmp.values(), temporary(self.index_path)]:
                     if os.path.exists(path):
                         os.remove(path)
         return valid, bad
 
-    def _decode_into(self, tmp, rel, lock, log):
-        """Decode every file into the memmaps `tmp`, on every core; returns (positions that decoded,
+    def _decode_into(self, tmp, items, name_of, what, lock, log):
+        """Decode every item into the memmaps `tmp`, on every core; returns (positions that decoded,
         skipped names)."""
-        n = len(self.files)
+        n = len(items)
         maps = {r: np.lib.format.open_memmap(p, 'w+', np.uint8, (n, 3, r, r)) for r, p in tmp.items()}
         valid, bad = [], []
-        items = [(f, self.resolutions) for f in self.files]
         t0 = last = time.time()
         for i, (arrays, err) in enumerate(_imap(_decode_all, items, build_workers(n))):
             if err is not None:
-                bad.append(rel[i])
-                warnings.warn(f'skipping unreadable image {self.files[i]} ({err}); {len(bad)} skipped so far')
+                bad.append(name_of(i))
+                warnings.warn(f'skipping unreadable image {bad[-1]} of {what} ({err}); {len(bad)} skipped so far')
                 if n >= MIN_FILES_FOR_BAD_RULE and len(bad) > MAX_BAD_FRACTION * n:
-                    raise ValueError(f'more than {MAX_BAD_FRACTION:.0%} of the {n} images under {self.root} '
+                    raise ValueError(f'more than {MAX_BAD_FRACTION:.0%} of the {n} images of {what} '
                                      f'cannot be read ({len(bad)} so far, e.g. {bad[:3]}); fix or remove them')
                 continue
             for r, a in zip(self.resolutions, arrays):
@@ -545,18 +533,50 @@ class FolderSource:
             valid.append(i)
             if time.time() - last > 10:
                 last = time.time()
-                line = progress_text(f'caching {self.root}', i + 1, n, t0)
+                line = progress_text(f'caching {what}', i + 1, n, t0)
                 log(line)
                 lock.report(line)
         for m in maps.values():
             m.flush()
         del maps
         if not valid:
-            raise ValueError(f'none of the {n} images under {self.root} could be read')
-        log(f'cached {len(valid)} images of {self.root} at {self.resolutions[0]}..{self.resolutions[-1]} px '
+            raise ValueError(f'none of the {n} images of {what} could be read')
+        log(f'cached {len(valid)} images of {what} at {self.resolutions[0]}..{self.resolutions[-1]} px '
             f'in {self.dir} ({time.time() - t0:.1f}s, {len(bad)} unreadable skipped'
             + (f': {", ".join(bad[:5])}{" ..." if len(bad) > 5 else ""})' if bad else ')'))
         return valid, bad
+
+    def read(self, row, res):
+        if res not in self._maps:       # opened lazily, so each DataLoader worker maps its own
+            self._maps[res] = np.load(self.paths[res], mmap_mode='r')
+        return torch.from_numpy(np.array(self._maps[res][row]))
+
+    def __getstate__(self):             # memmaps do not pickle; workers reopen them
+        return {**self.__dict__, '_maps': {}}
+
+
+class FolderSource:
+    """Images under a folder, cached once (ResolutionCache) at every resolution 4..max_res, with a
+    progress line, and reused afterwards. `files` is the sorted list; `indices` picks the files to
+    use; `skipped` lists the files that could not be read.
+    """
+    name = 'folder'
+
+    def __init__(self, root, max_res, indices=None, cache_dir='', log=print):
+        self.root, self.max_res = root, max_res
+        self.resolutions = [4 * 2 ** i for i in range(int(math.log2(max_res)) - 1)]
+        self.files = list_images(root)
+        self.cache = ResolutionCache(_cache_dir(root, cache_dir), self.resolutions)
+        self.dir = self.cache.dir
+        rel = [os.path.relpath(f, root) for f in self.files]
+        self.valid, self.skipped = self.cache.build(rel, [(f, self.resolutions) for f in self.files],
+                                                    lambda i: rel[i], root, log)
+        self.indices = np.arange(len(self.valid)) if indices is None else self._select(indices)
+
+    def _select(self, wanted):
+        """Map file positions to rows of the cache (files that failed to decode drop out)."""
+        row_of = {f: r for r, f in enumerate(self.valid)}
+        return np.array([row_of[i] for i in wanted if i in row_of], dtype=np.int64)
 
     def __len__(self):
         return len(self.indices)
@@ -565,12 +585,7 @@ class FolderSource:
         return torch.stack([self.load(i, res) for i in indices])
 
     def load(self, i, res):
-        if res not in self._maps:       # opened lazily, so each DataLoader worker maps its own
-            self._maps[res] = np.load(self._paths()[1][res], mmap_mode='r')
-        return torch.from_numpy(np.array(self._maps[res][self.indices[i]]))
-
-    def __getstate__(self):             # memmaps do not pickle; workers reopen them
-        return {**self.__dict__, '_maps': {}}
+        return self.cache.read(self.indices[i], res)
 
 
 def _worker_signals(*_):
@@ -593,7 +608,9 @@ class LmdbSource:
     """LSUN's official lmdb (keys: image ids, values: webp/jpeg bytes), read with the lmdb package.
 
     The key list is scanned once and cached as <lmdb dir>_keys.npy next to the data (else in
-    ~/.cache/automodulator), so a restart does not rescan millions of keys.
+    ~/.cache/automodulator), so a restart does not rescan millions of keys. Each read decodes its
+    record (5-6 ms per image and core, whatever the resolution) unless cache_upto() has resized the
+    selected records once into a ResolutionCache: reads at those resolutions come from it.
     """
     name = 'lsun'
 
@@ -609,6 +626,7 @@ class LmdbSource:
         self.path = path
         self.keys = self._keys(cache_dir, log)
         self.indices = np.arange(len(self.keys)) if indices is None else np.asarray(indices, dtype=np.int64)
+        self.cache = None
 
     def _keys(self, cache_dir, log):
         import lmdb
@@ -640,6 +658,18 @@ class LmdbSource:
                     os.remove(tmp)
         return np.load(cached, mmap_mode='r')
 
+    def cache_upto(self, res, max_res, cache_dir, log):
+        """Resize the selected records once, on every core, into a ResolutionCache at 4..res px
+        (in cache_dir, else <lmdb dir>/.automodulator_cache); records that do not decode drop out
+        of `indices`. A different selection (--max_images, the split) rebuilds it."""
+        resolutions = [4 * 2 ** i for i in range(int(math.log2(min(res, max_res))) - 1)]
+        self.cache = ResolutionCache(_cache_dir(self.path, cache_dir), resolutions)
+        keys = self.keys[self.indices]
+        files = [os.path.abspath(self.path), len(keys), hashlib.sha1(keys.tobytes()).hexdigest()]
+        items = [((self.path, bytes(k)), resolutions) for k in keys]
+        valid, _ = self.cache.build(files, items, lambda i: repr(bytes(keys[i])), f'the lmdb {self.path}', log)
+        self.indices = self.indices[valid]
+
     def __len__(self):
         return len(self.indices)
 
@@ -647,23 +677,27 @@ class LmdbSource:
         return torch.stack([self.load(i, res) for i in indices])
 
     def load(self, i, res):
-        import io
-        import lmdb
-        env_key = (os.getpid(), self.path)          # lmdb allows one environment per path and process
-        if env_key not in _LMDB_ENVS:
-            _LMDB_ENVS[env_key] = lmdb.open(self.path, readonly=True, lock=False, readahead=False,
-                                            meminit=False, max_readers=64)
-        env = _LMDB_ENVS[env_key]
+        if self.cache is not None and res in self.cache.paths:
+            return self.cache.read(i, res)           # row i holds indices[i]
         for step in range(len(self.indices)):        # a corrupt record: warn and take the next one
             key = bytes(self.keys[self.indices[(i + step) % len(self.indices)]])
-            with env.begin(write=False) as txn:
-                value = txn.get(key)
             try:
-                return crop_resize(open_rgb(io.BytesIO(value)), res)
+                return crop_resize(open_rgb(io.BytesIO(lmdb_value(self.path, key))), res)
             except Exception as e:                    # noqa: BLE001
                 warnings.warn(f'skipping unreadable LSUN record {key!r} in {self.path} ({type(e).__name__}: {e})')
         raise ValueError(f'no record of {self.path} could be decoded')
 
+
+def lmdb_value(path, key):
+    """The bytes under `key` in the lmdb at `path`, through one read-only environment per path and
+    process (lmdb allows no more; a forked worker opens its own)."""
+    import lmdb
+    env_key = (os.getpid(), path)
+    if env_key not in _LMDB_ENVS:
+        _LMDB_ENVS[env_key] = lmdb.open(path, readonly=True, lock=False, readahead=False, meminit=False,
+                                        max_readers=64)
+    with _LMDB_ENVS[env_key].begin(write=False) as txn:
+        return txn.get(key)
 
 
 _LMDB_ENVS = {}
@@ -688,10 +722,13 @@ def open_split(cfg, split='train', log=None):
     last 10,000 test (the paper); celebahq: file order, first 27,000 train, last 3,000 test (the
     paper's 27k/3k; the authors split by CelebA index instead); lsun_bedroom: the official train lmdb
     and the val lmdb beside it for test; lsun_cars: key order, first 4,968,695 train, the rest test.
+    max_images > 0 keeps the first that many of the train split; lsun_cache_res > 0 resizes LSUN's
+    train split once to 4..that many px (LmdbSource.cache_upto).
     """
     dataset, data_root = cfg.get('dataset', 'shapes'), cfg.get('data_root', '')
     max_res, seed, test_fraction = cfg.get('max_res', 256), cfg.get('seed', 0), cfg.get('test_fraction', 0.0)
     cache_dir, log = cfg.get('cache_dir', ''), log or _quiet
+    limit = cfg.get('max_images', 0) if split == 'train' else 0
     if dataset not in DATASETS:
         raise ValueError(f'unknown dataset {dataset!r}; choose one of {", ".join(DATASETS)}')
     if split not in ('train', 'test') and not (dataset == 'shapes' and split == 'report'):
@@ -699,18 +736,7 @@ def open_split(cfg, split='train', log=None):
     if dataset == 'shapes':
         return ShapesSource(split, seed, max_res)
     if dataset.startswith('lsun'):
-        if not data_root:
-            raise ValueError(f'{dataset} needs --data_root=PATH to the LSUN lmdb folder')
-        if dataset == 'lsun_bedroom':
-            path = data_root if split == 'train' else data_root.rstrip('/').replace('_train_lmdb', '_val_lmdb')
-            if split == 'test' and path == data_root.rstrip('/'):
-                raise ValueError(f'the LSUN bedroom test split is the official val lmdb beside {data_root} '
-                                 f'(bedroom_val_lmdb); name the train one bedroom_train_lmdb')
-            return LmdbSource(path, cache_dir=cache_dir, log=log)
-        src = LmdbSource(data_root, cache_dir=cache_dir, log=log)
-        n_train = _paper_train_count(len(src), 4_968_695, 552_061, dataset, log)
-        src.indices = _split_by_count(len(src), n_train, split)
-        return src
+        return _open_lsun(dataset, data_root, split, limit, cfg.get('lsun_cache_res', 0), max_res, cache_dir, log)
     files = list_images(data_root)
     n = len(files)
     if dataset == 'folder':
@@ -722,7 +748,35 @@ def open_split(cfg, split='train', log=None):
         wanted = _split_by_count(n, _paper_train_count(n, train, test, dataset, log), split)
     if len(wanted) == 0:
         raise ValueError(f'the {split} split of {data_root} is empty ({n} images, test_fraction={test_fraction})')
-    return FolderSource(data_root, max_res, wanted.tolist(), cache_dir, log)
+    return FolderSource(data_root, max_res, wanted[:limit or None].tolist(), cache_dir, log)
+
+
+def _open_lsun(dataset, data_root, split, limit, cache_res, max_res, cache_dir, log):
+    """open_split for LSUN: the split's records (the first `limit` of them where limit > 0), resized
+    once into a cache up to cache_res px for the train split where cache_res > 0."""
+    if not data_root:
+        raise ValueError(f'{dataset} needs --data_root=PATH to the LSUN lmdb folder')
+    if dataset == 'lsun_bedroom':
+        path = data_root if split == 'train' else data_root.rstrip('/').replace('_train_lmdb', '_val_lmdb')
+        if split == 'test' and path == data_root.rstrip('/'):
+            raise ValueError(f'the LSUN bedroom test split is the official val lmdb beside {data_root} '
+                             f'(bedroom_val_lmdb); name the train one bedroom_train_lmdb')
+        src = LmdbSource(path, cache_dir=cache_dir, log=log)
+    else:
+        src = LmdbSource(data_root, cache_dir=cache_dir, log=log)
+        n_train = _paper_train_count(len(src), 4_968_695, 552_061, dataset, log)
+        src.indices = _split_by_count(len(src), n_train, split)
+    src.indices = src.indices[:limit or None]
+    if split != 'train':
+        return src
+    if cache_res:
+        src.cache_upto(cache_res, max_res, cache_dir, log)
+    else:
+        upto = [4 * 2 ** i for i in range(int(math.log2(min(64, max_res))) - 1)]
+        log(f'{dataset}: each read decodes its record (5-6 ms per image and core); --lsun_cache_res=64 resizes '
+            f'{len(src):,} images once to 4..64 px ({size_text(len(src) * sum(3 * r * r for r in upto))}), '
+            f'--max_images=N takes the first N')
+    return src
 
 
 def _paper_train_count(n, train, test, dataset, log):

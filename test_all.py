@@ -1191,28 +1191,60 @@ def test_folder_split_and_loader_with_workers(tmp_path):
     assert first.shape == (5, 3, 8, 8) and first.dtype == torch.uint8
 
 
-def test_lsun_lmdb_keys_cached_and_split(tmp_path):
+def _write_lmdb(path, n=12, corrupt=3):
+    """An LSUN-style lmdb of n 24x16 webp records, record k red 20 k, record `corrupt` not an image."""
     lmdb = pytest.importorskip('lmdb')
     from PIL import Image
     import io
-    path = tmp_path / 'car'
     env = lmdb.open(str(path), map_size=1 << 24)
     with env.begin(write=True) as txn:
-        for k in range(12):
+        for k in range(n):
             buf = io.BytesIO()
             Image.new('RGB', (24, 16), (20 * k, 0, 0)).save(buf, format='WEBP', lossless=True)
-            txn.put(f'{k:040x}'.encode(), buf.getvalue() if k != 3 else b'corrupt record')
+            txn.put(f'{k:040x}'.encode(), buf.getvalue() if k != corrupt else b'corrupt record')
     env.close()
+
+
+def test_lsun_lmdb_keys_cached_and_split(tmp_path):
+    path = tmp_path / 'car'
+    _write_lmdb(path)
     logs = []
     train = source('lsun_cars', str(path), 'train', log=logs.append)
     assert os.path.exists(str(path) + '_keys.npy') and any('scanning' in m for m in logs)
     assert len(train) == 11 and any('4,968,695' in m or 'proportion' in m for m in logs)  # 12 * 0.9 = 11
+    assert any('--lsun_cache_res=64 resizes 11 images once to 4..64 px (175.8 KiB)' in m for m in logs)
     assert train.load(2, 8).shape == (3, 8, 8) and train.load(2, 8)[0, 0, 0] == 40    # 24x16 center-cropped
     with pytest.warns(UserWarning, match='skipping unreadable LSUN record'):
         assert train.load(3, 8)[0, 0, 0] == 80                  # the corrupt record falls back to the next
     logs.clear()
     test = source('lsun_cars', str(path), 'test', log=logs.append)
     assert not any('scanning' in m for m in logs) and len(test) == 1 and test.load(0, 4)[0, 0, 0] == 220
+
+
+def test_lsun_resized_once_into_a_cache_up_to_lsun_cache_res(tmp_path, capsys):
+    import train as T
+    path = tmp_path / 'car'
+    _write_lmdb(path)
+    logs, cfg = [], dict(max_res=16, lsun_cache_res=8, max_images=6)
+    with pytest.warns(UserWarning, match=r"skipping unreadable image b'0+3' of the lmdb"):
+        train = source('lsun_cars', str(path), 'train', log=logs.append, **cfg)
+    assert any('caching 6 images of the lmdb' in m and '4..8 px' in m for m in logs), logs
+    assert len(train) == 5 and list(train.indices) == [0, 1, 2, 4, 5]        # the corrupt record drops out
+    direct = D.LmdbSource(str(path))
+    for i, k in enumerate([0, 1, 2, 4, 5]):
+        for res in (4, 8):                                     # from the cache, as the lmdb decodes them
+            assert torch.equal(train.load(i, res), direct.load(k, res))
+        assert torch.equal(train.load(i, 16), direct.load(k, 16)) and train.load(i, 16)[0, 0, 0] == 20 * k
+    assert not (path / '.automodulator_cache' / '16x16.u8').exists()    # above lsun_cache_res: read from the lmdb
+    logs.clear()
+    assert len(source('lsun_cars', str(path), 'train', log=logs.append, **cfg)) == 5 and not any('cach' in m for m in logs)  # reused
+    with pytest.warns(UserWarning):
+        source('lsun_cars', str(path), 'train', log=logs.append, **{**cfg, 'max_images': 8})
+    assert any('stale' in m for m in logs) and any('caching 8 images' in m for m in logs)
+    with pytest.warns(UserWarning):                            # back to 6 images: rebuilt again
+        T.main(T.settings(dict(dataset='lsun_cars', data_root=str(path), out_dir=str(tmp_path / 'run'),
+                               prepare_only=True, **cfg)))
+    assert f'prepared: 5 train images of lsun_cars in {path / ".automodulator_cache"}' in capsys.readouterr().out
 
 
 def test_shapes_are_deterministic_and_estimable():

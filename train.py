@@ -44,7 +44,9 @@ _before = set(globals())
 # data
 dataset = 'shapes'          # shapes (these values) | folder | ffhq | celebahq | lsun_bedroom | lsun_cars (PAPER + PRESETS)
 data_root = ''              # images folder or LSUN lmdb (not needed for shapes)
-cache_dir = ''              # where folder caches go ('' = data_root/.automodulator_cache)
+cache_dir = ''              # where data caches go ('' = data_root/.automodulator_cache)
+max_images = 0              # > 0: train on the first that many images of the train split only
+lsun_cache_res = 0          # LSUN: resize once to 4..this many px (0: decode every read; README has the sizes)
 test_fraction = 0.0         # held-out share of a plain folder (sample.py and metrics use it)
 num_workers = 0             # DataLoader worker processes (shapes renders a batch at once in this process)
 # model (--authors=True: the authors' blocks, AdaIN and encoder filtering, their extra KL and upper clamp;
@@ -92,7 +94,7 @@ ckpt_every = 20.0           # kimg between writes of ckpt.pt, the file that resu
 ckpt_minutes = 10.0         # ... and at most this many minutes apart (0 = kimg only); written in the background
 snapshot_every = 0.0        # kimg between numbered EMA snapshots snapshot_*.pt (also one at each phase end; 0 = those only)
 dry_run = False             # print the resolved config and the phase table, then exit
-prepare_only = False        # build the data cache (folders) or key list (LSUN), say where and how large, then exit
+prepare_only = False        # build the data cache or LSUN's key list, say where and how large, then exit
 dist_timeout = 60.0         # minutes a rank waits to reach the master, and for any one collective
 wandb_log = False           # also log to Weights & Biases (imported only when on)
 wandb_project = 'automodulator'  # W&B project
@@ -128,7 +130,8 @@ PRESETS = {
 # What each setting may be; `settings` checks all of them before anything runs.
 RULES = dict(
     dataset=one_of(*data.DATASETS), data_root=PATH, cache_dir=PATH, test_fraction=between(0, 1, open_hi=True),
-    num_workers=integer(0),
+    num_workers=integer(0), max_images=integer(0),
+    lsun_cache_res=Rule('0 or a power of two in 4..1024', lambda v: v == 0 or power_of_two(4, 1024).ok(v)),
     max_res=power_of_two(4, 1024), arch=one_of(*model.WIDTHS), width=between(1 / 64, 4), nz=integer(2),
     noise=one_of('channel', 'shared', 'none'), authors=ANY, extra_kl=ANY, upper_clamp=ANY,
     invariance=one_of('', 'flip'),
@@ -491,8 +494,7 @@ class Trainer:
             for m in (self.encoder, self.decoder, self.ema):
                 m.to(memory_format=torch.channels_last)
         if cfg['compile']:
-            for block in list(self.encoder.blocks) + list(self.decoder.blocks):
-                block.compile()
+            model.compile_blocks(self.encoder, self.decoder)
 
     def state(self):
         """The checkpoint (a collective under torchrun: every rank gives its RNG state)."""
@@ -996,6 +998,8 @@ def log_progress(r, t, means, p, res, alpha, rate, dev):
     digits = max(1, -math.floor(math.log10(r.cfg['log_every'])))         # 0.001 kimg apart: 3 decimals
     r.say(progress_line(kimg, res, alpha, means, rate, eta_phase,
                         remaining_seconds(r.table, r.end_kimg, kimg, res, rate), dev, digits))
+    for line in model.compile_fallbacks() if r.cfg['compile'] else ():
+        r.say(line)
     if r.master:
         record = dict(kimg=kimg, step=t.step, res=res, alpha=alpha, **means, img_per_s=rate, time=time.time() - r.t_start)
         with open(os.path.join(r.cfg['out_dir'], 'log.jsonl'), 'a') as f:
@@ -1061,7 +1065,7 @@ def run(cfg):
         return
     source, grid_source = prepare_data(r)
     if cfg['prepare_only']:
-        where = f' in {source.dir}' if hasattr(source, 'dir') else ''
+        where = f' in {source.cache.dir}' if getattr(source, 'cache', None) else ''
         r.say(f'prepared: {len(source):,} train images of {cfg["dataset"]}{where}; a run with these settings '
               f'starts training at once')
         return
