@@ -3,12 +3,19 @@
     python bench.py                                    # CPU, float32, 32x32, batch 16, large preset
     python bench.py --res=64 --dtype=bfloat16 --channels_last=True
     python bench.py --device=cuda --res=256 --batch=16 --compile=True
+    python bench.py --suite=gpu                        # a GPU: FFHQ's whole schedule, then the options
+
+--suite=gpu walks every resolution of `preset` (its networks and per-resolution batches) with eager
+training steps in bfloat16 where the device has it (ms/step, img/s, TFLOP/s, peak memory, kernel
+launches and host syncs per step from a profiler trace), compares `compare` at the last resolution,
+times the data loader with the preset's worker count, and stops starting parts past budget_minutes.
 
 Every measurement prints one line and goes into bench.json (out). Times are medians over `repeat`
 runs after `warmup`. FLOPs are counted with torch.utils.flop_counter; utilisation is the achieved
 FLOP/s over this device's own peak, measured with a large matmul in the same dtype.
 """
 import json
+import math
 import os
 import platform
 import statistics
@@ -17,7 +24,8 @@ import time
 from contextlib import nullcontext
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry
 
 import data
 import model
@@ -38,6 +46,11 @@ encoder_res = 256           # encoder inference resolution (large preset)
 warmup = 2                  # untimed runs first
 repeat = 5                  # timed runs; medians are reported
 skip = ''                   # comma-separated parts to skip: train, encoder, decoder, data
+suite = ''                  # '' (the parts above) | gpu (the module docstring)
+preset = 'ffhq'             # --suite=gpu: the train.py preset whose schedule, networks and batches it walks
+max_res = 0                 # --suite=gpu: its last resolution (0: the preset's)
+compare = 'float32,bfloat16,channels_last,compile'  # --suite=gpu: options timed at the last resolution
+budget_minutes = 7.0        # --suite=gpu: a part that would start later is listed under not_run
 out = 'bench.json'          # where the results go
 CONFIG_KEYS = sorted(set(globals()) - _before - {'_before'})
 
@@ -61,11 +74,27 @@ def timed(fn, dev, warm, reps):
     return statistics.median(times)
 
 
+class _Flops(TorchDispatchMode):
+    """FLOPs of the matmuls and convolutions run inside, forward and backward, by the formulas of
+    torch.utils.flop_counter. Its FlopCounterMode also tracks modules, which fails where a module's
+    input needs a gradient under no_grad (L_j at weight 0, losses.decoder_loss)."""
+
+    def __init__(self):
+        super().__init__()
+        self.total = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func._overloadpacket in flop_registry:
+            self.total += flop_registry[func._overloadpacket](*args, **kwargs, out_val=out)
+        return out
+
+
 def flops_of(fn):
-    counter = FlopCounterMode(display=False)
-    with counter:
+    with _Flops() as counter:
         fn()
-    return counter.get_total_flops()
+    return counter.total
 
 
 def cpu_name():
@@ -97,8 +126,7 @@ def build(cfg, dev, max_res):
     if cfg['channels_last']:
         net = net.to(memory_format=torch.channels_last)
     if cfg['compile']:
-        for block in list(net.encoder.blocks) + list(net.decoder.blocks):
-            block.compile()
+        model.compile_blocks(net.encoder, net.decoder)
     return net
 
 
@@ -165,6 +193,134 @@ def bench_data(cfg, dev, report):
         report('data_folder_64', seconds, 0, 'folder from the per-resolution cache, batch 64', images=b)
 
 
+# ---------------------------------------------------------------------------------------------
+# --suite=gpu
+
+SYNCS = ('cudaStreamSynchronize', 'cudaDeviceSynchronize', 'cudaEventSynchronize')
+# --compare's options; channels_last and compile go on top of the suite's own dtype (auto: bfloat16 where native)
+OPTIONS = {'float32': dict(dtype='float32'), 'bfloat16': dict(dtype='bfloat16'),
+           'channels_last': dict(dtype='auto', channels_last=True), 'compile': dict(dtype='auto', compile=True)}
+
+
+def trace_counts(fn, dev):
+    """(kernel launches, host syncs) of one fn() from a torch.profiler trace. On CUDA: the kernels
+    the device ran and the runtime's synchronize calls (item(), bool(), .cpu() each make one; the
+    one that closes the trace is not counted). On a CPU, which has neither: the aten ops that no
+    other op called, and the scalar reads (aten::_local_scalar_dense; there CPU Adam's own)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+    cuda = dev.type == 'cuda'
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        fn()
+        sync(dev)
+    events = prof.events()
+    if cuda:
+        kernels = sum(e.device_type == DeviceType.CUDA and not e.name.startswith(('Memcpy', 'Memset')) for e in events)
+        return kernels, sum(e.name in SYNCS for e in events) - 1
+    ops = sum(e.name.startswith('aten::') and e.cpu_parent is None for e in events)
+    return ops, sum(e.name == 'aten::_local_scalar_dense' for e in events)
+
+
+def suite_trainer(cfg, dev, res, **options):
+    """A Trainer of the preset's settings (and `options`) with every level up to res."""
+    tcfg = {**train.resolve(dict(dataset=cfg['preset'])), 'compile': False, 'channels_last': False, **options}
+    tcfg['max_res'] = cfg['max_res'] or tcfg['max_res']
+    t = train.Trainer(tcfg, train.model_config_from(tcfg), dev)
+    while t.robust.res < res:
+        t.robust.grow()
+    t.step = 10_000                                      # the EMA at its full decay
+    return t, tcfg
+
+
+def suite_step(t, tcfg, dev, res, warm, reps):
+    """One resolution's row: Trainer.step_on past the fade-in at the preset's batch there."""
+    b = tcfg['batch_size'][res]
+    x = torch.rand(b, 3, res, res, device=dev) * 2 - 1
+    if tcfg['channels_last']:
+        x = x.contiguous(memory_format=torch.channels_last)
+    step = lambda: t.step_on(x, res, 1.0, False)          # noqa: E731
+    t0 = time.perf_counter()
+    for _ in range(warm):                                  # compiles here, where compile is on
+        step()
+    sync(dev)
+    first = time.perf_counter() - t0
+    if dev.type == 'cuda':
+        torch.cuda.reset_peak_memory_stats(dev)
+    seconds = timed(step, dev, 0, reps)
+    flops = flops_of(step)
+    launches, syncs = trace_counts(step, dev)
+    return dict(res=res, batch=b, dtype=t.dtype, ms_per_step=1000 * seconds, img_per_s=b / seconds,
+                tflop_per_step=flops / 1e12, tflop_per_s=flops / seconds / 1e12, warmup_seconds=first,
+                memory_gib=torch.cuda.max_memory_allocated(dev) / 2 ** 30 if dev.type == 'cuda' else None,
+                launches=launches, syncs=syncs)
+
+
+def suite_loader(tcfg, dev, res):
+    """The data loader as train.py makes it (the preset's num_workers, pinned memory on CUDA) on a
+    folder of 256 JPEGs cached up to res, at res and at 4x4 (where a step is quickest)."""
+    rows = {}
+    with tempfile.TemporaryDirectory() as root:
+        from PIL import Image
+        for i, img in enumerate(data.ShapesSource(max_res=res).load_batch(list(range(256)), res)):
+            Image.fromarray(img.permute(1, 2, 0).numpy()).save(os.path.join(root, f'{i:04d}.jpg'), quality=90)
+        source = data.open_split(dict(dataset='folder', data_root=root, max_res=res))
+        for r in sorted({4, res}):
+            b = tcfg['batch_size'][r]
+            loader = data.make_loader(source, r, b, num_workers=tcfg['num_workers'], pin_memory=dev.type == 'cuda')
+            seconds = timed(lambda: next(loader), dev, 5, 20)
+            rows[r] = dict(batch=b, num_workers=tcfg['num_workers'], img_per_s=b / seconds)
+    return rows
+
+
+def run_suite(cfg, dev):
+    """--suite=gpu: the rows described in the module docstring, printed and returned for bench.json."""
+    t_start = time.time()
+    not_run = []
+
+    def in_budget(what):
+        if time.time() - t_start < cfg['budget_minutes'] * 60:
+            return True
+        not_run.append(what)
+        print(f'{what}: not run (past --budget_minutes={cfg["budget_minutes"]})')
+        return False
+
+    size = 8192 if dev.type == 'cuda' else 2048
+    peaks = {name: peak_flops(dev, dt, size) for name, dt in (('bfloat16', torch.bfloat16), ('float32', torch.float32))}
+    print(f'matmul peak ({size}-square where it runs under 0.1 s): bfloat16 {peaks["bfloat16"] / 1e12:.1f}, '
+          f'float32{" (TF32)" if dev.type == "cuda" else ""} {peaks["float32"] / 1e12:.1f} TFLOP/s')
+    t, tcfg = suite_trainer(cfg, dev, 4, dtype='auto')
+    top = tcfg['max_res']
+    rows, options = [], {}
+    print(f'{cfg["preset"]} schedule, eager {t.dtype}:')
+    for res in [4 * 2 ** i for i in range(int(math.log2(top)) - 1)]:
+        if not in_budget(f'{res}x{res}'):
+            continue
+        while t.robust.res < res:
+            t.robust.grow()
+        rows.append(suite_step(t, tcfg, dev, res, cfg['warmup'], cfg['repeat']))
+        print(suite_line(rows[-1], peaks))
+    del t
+    for name in [o for o in cfg['compare'].split(',') if o]:
+        if in_budget(f'{name} at {top}x{top}'):
+            tt, ttcfg = suite_trainer(cfg, dev, top, **OPTIONS[name])
+            options[name] = suite_step(tt, ttcfg, dev, top, cfg['warmup'], cfg['repeat'])
+            print(f'{name:14s}' + suite_line(options[name], peaks))
+            del tt
+    loader = suite_loader(tcfg, dev, top) if in_budget('data loader') else {}
+    for r, row in loader.items():
+        print(f'data loader {r}x{r}: {row["img_per_s"]:.0f} img/s (batch {row["batch"]}, {row["num_workers"]} workers)')
+    return dict(suite='gpu', preset=cfg['preset'], peak_flops=peaks, resolutions=rows, options=options,
+                data_loader=loader, not_run=not_run, minutes=(time.time() - t_start) / 60)
+
+
+def suite_line(row, peaks):
+    mem = f', {row["memory_gib"]:.1f} GiB' if row['memory_gib'] is not None else ''
+    util = row['tflop_per_s'] * 1e12 / peaks['bfloat16' if row['dtype'] == 'bfloat16' else 'float32']
+    return (f'{row["res"]:5d}px b{row["batch"]:<4d} {row["ms_per_step"]:8.1f} ms/step {row["img_per_s"]:8.0f} img/s '
+            f'{row["tflop_per_s"]:7.3g} TFLOP/s ({util:.0%} of peak){mem} | {row["launches"]} launches, '
+            f'{row["syncs"]} syncs a step | first {row["warmup_seconds"]:.1f} s')
+
+
 def main(cfg):
     try:
         dev = model.resolve_device(cfg['device'])
@@ -185,6 +341,9 @@ def main(cfg):
               f'(a CPU without AVX-512 BF16 / AMX); use --dtype=float32 on it')
     results = dict(device=str(dev), machine=machine, torch=torch.__version__, peak_flops=peak,
                    options={k: cfg[k] for k in CONFIG_KEYS}, results={})
+    if cfg['suite'] == 'gpu':
+        results.update(run_suite(cfg, dev))
+        return write_results(results, cfg['out'])
 
     def report(what, seconds, flops, note, images):
         achieved = flops / seconds if flops else 0.0
@@ -202,7 +361,11 @@ def main(cfg):
         bench_decoder(cfg, dev, autocast, report)
     if 'data' not in skipped:
         bench_data(cfg, dev, report)
-    out = expand_path(cfg['out'])
+    return write_results(results, cfg['out'])
+
+
+def write_results(results, out):
+    out = expand_path(out)
     with open(out, 'w') as f:
         json.dump(results, f, indent=1)
     print(f'wrote {out}')
