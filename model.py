@@ -154,7 +154,8 @@ class Noise(nn.Module):
         b, c, h, w = x.shape
         # authors: a full B x C x H x W draw; StyleGAN: one map shared by all channels
         shape = (b, c, h, w) if self.mode == 'channel' else (b, 1, h, w)
-        return x + self.scale[None, :, None, None] * torch.randn(shape, device=x.device, dtype=x.dtype)
+        # the scale in x's dtype: a float32 scale would promote a bfloat16 map, and all after it, to float32
+        return x + self.scale.to(x.dtype)[None, :, None, None] * torch.randn(shape, device=x.device, dtype=x.dtype)
 
 
 class AdaIN(nn.Module):
@@ -170,38 +171,47 @@ class AdaIN(nn.Module):
     def forward(self, x, z):
         c = x.shape[1]
         s = self.style(z)                                        # (B, 2C)
-        # in float32: in bfloat16 the variance of a flat map can round to 0
+        # statistics in float32 (in bfloat16 the variance of a flat map can round to 0); _AdaIN keeps
+        # x in its own dtype for the backward, not a float32 copy
         sigma, mu = s[:, :c, None, None].float(), s[:, c:, None, None].float()
-        return _AdaIN.apply(x.float(), sigma, mu, self.eps, int(self.unbiased)).to(s.dtype)
+        return _AdaIN.apply(x, sigma, mu, self.eps, int(self.unbiased)).to(s.dtype)
 
 
 class _AdaIN(torch.autograd.Function):
     """Eq. 1 with a hand-written backward: autograd's of var_mean and the affine makes about ten
     passes over the map and torch.var_mean is slow on a CPU (4 ms where a sum takes 0.1 ms for a
-    32 x 32 x 32 x 32 map); this makes five and computes the same function (the test checks it
-    with gradcheck). With d = x - mean, r = 1 / sqrt(var + eps), var = sum(d^2) / (n - correction):
+    32 x 32 x 32 x 32 map); this makes five (six for a bfloat16 x) and computes the same function
+    (the test checks it with gradcheck). With d = x - mean, r = 1 / sqrt(var + eps), var = sum(d^2) / (n - correction):
         y = sigma r d + mu,  dmu = sum(g),  dsigma = r sum(g d),
-        dx = sigma r (g - sum(g) / n - d r^2 sum(g d) / (n - correction))."""
+        dx = sigma r (g - sum(g) / n - d r^2 sum(g d) / (n - correction)).
+    In float32 whatever x's dtype. For a bfloat16 or float16 x (autocast) the backward keeps x and the
+    mean and forms d again, rather than keep a float32 d of twice x's bytes; for a float32 x it keeps
+    d (one pass less, the same bytes)."""
 
     @staticmethod
     def forward(ctx, x, sigma, mu, eps, correction):
         n = x.shape[2] * x.shape[3]
-        d = x - x.mean((2, 3), keepdim=True)
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))  # float32 at least (gradcheck: float64)
+        mean = xf.mean((2, 3), keepdim=True)
+        d = xf - mean
         flat = d.flatten(2)
         r = torch.rsqrt(torch.linalg.vecdot(flat, flat)[..., None, None] / (n - correction) + eps)
-        ctx.save_for_backward(d, r, sigma)
+        ctx.low = xf is not x
+        ctx.save_for_backward(x if ctx.low else d, mean if ctx.low else None, r, sigma)
         ctx.n, ctx.correction = n, correction
         return torch.addcmul(mu, d, sigma * r)
 
     @staticmethod
     def backward(ctx, g):
-        d, r, sigma = ctx.saved_tensors
+        saved, mean, r, sigma = ctx.saved_tensors
+        d = saved.to(mean.dtype) - mean if ctx.low else saved
         n, k = ctx.n, sigma * r
         g_sum = g.sum((2, 3), keepdim=True)
         gd_sum = torch.linalg.vecdot(g.flatten(2), d.flatten(2))[..., None, None]
         dx = None
         if ctx.needs_input_grad[0]:
             dx = torch.addcmul(-k * g_sum / n, g, k).addcmul_(d, -k * r * r * gd_sum / (n - ctx.correction))
+            dx = dx.to(saved.dtype)
         return dx, r * gd_sum, g_sum, None, None
 
 

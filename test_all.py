@@ -173,8 +173,19 @@ def test_adain_equals_eq1_and_its_backward_is_exact():
         for a, c in zip(torch.autograd.grad(fast, (x, z, ada.style.weight), g),
                         torch.autograd.grad(plain, (x, z, ada.style.weight), g.double())):
             assert torch.allclose(a, c, atol=1e-4)
-    with torch.autocast('cpu', dtype=torch.bfloat16):
-        assert ada(x, z).dtype == torch.bfloat16
+    saved = []                                 # under bfloat16 autocast the backward keeps no float32 map
+    xb = x.detach().bfloat16().requires_grad_()
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            y = ada(xb, z)
+    assert y.dtype == torch.bfloat16 and [t.dtype for t in saved if t.shape == x.shape] == [torch.bfloat16]
+    assert torch.autograd.grad(y.float().sum(), xb)[0].dtype == torch.bfloat16
+    m, saved = tiny(max_res=16), []            # nor does a whole decoder (its noise layers stay bfloat16)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            m.decoder(z_of(m), 16)
+    maps = [t for t in saved if t.dim() == 4 and t.shape[-1] > 1 and t.shape[0] > 1]
+    assert len(maps) > 10 and {t.dtype for t in maps} == {torch.bfloat16}
     # its hand-written backward, against finite differences in float64
     xd, sd = torch.randn(2, 3, 4, 5, dtype=torch.float64) * 2 + 1, torch.randn(2, 6, 1, 1, dtype=torch.float64)
     for eps, corr in ((1e-8, 0), (0.0, 1)):
