@@ -567,7 +567,6 @@ class FolderSource:
         self.resolutions = [4 * 2 ** i for i in range(int(math.log2(max_res)) - 1)]
         self.files = list_images(root)
         self.cache = ResolutionCache(_cache_dir(root, cache_dir), self.resolutions)
-        self.dir = self.cache.dir
         rel = [os.path.relpath(f, root) for f in self.files]
         self.valid, self.skipped = self.cache.build(rel, [(f, self.resolutions) for f in self.files],
                                                     lambda i: rel[i], root, log)

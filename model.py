@@ -181,7 +181,8 @@ class _AdaIN(torch.autograd.Function):
     """Eq. 1 with a hand-written backward: autograd's of var_mean and the affine makes about ten
     passes over the map and torch.var_mean is slow on a CPU (4 ms where a sum takes 0.1 ms for a
     32 x 32 x 32 x 32 map); this makes five (six for a bfloat16 x) and computes the same function
-    (the test checks it with gradcheck). With d = x - mean, r = 1 / sqrt(var + eps), var = sum(d^2) / (n - correction):
+    (the test checks it with gradcheck). With d = x - mean, r = 1 / sqrt(var + eps) and
+    var = sum(d^2) / (n - correction):
         y = sigma r d + mu,  dmu = sum(g),  dsigma = r sum(g d),
         dx = sigma r (g - sum(g) / n - d r^2 sum(g d) / (n - correction)).
     In float32 whatever x's dtype. For a bfloat16 or float16 x (autocast) the backward keeps x and the
@@ -552,9 +553,9 @@ def compile_blocks(*nets):
     limit (8), for all of them. A step compiles a few variants per block resolution (grad or
     no_grad, inputs that need a gradient or not, the mixed sub-batches' sizes); past the limit
     dynamo runs the blocks eager from then on and only warns. The limit here covers every level,
-    so each variant compiles once, on first use, and stays compiled. Static shapes: dynamic ones
-    compile slower and came back specialized to the resolution (22 graphs in 232 s against 31 in
-    172 s, a run over three resolutions on the CPU)."""
+    so each variant compiles once, on first use, and stays compiled. Static shapes: with dynamic
+    ones the blocks still recompiled at each resolution (specialized on their sizes) and a run over
+    three resolutions on the CPU compiled for longer (232 s against 172 s)."""
     import torch._dynamo as dynamo
     levels = max(len(net.blocks) for net in nets)
     dynamo.config.recompile_limit = max(dynamo.config.recompile_limit, COMPILE_VARIANTS * levels)
