@@ -300,6 +300,11 @@ def run_suite(cfg, dev):
         rows.append(suite_step(t, tcfg, dev, res, cfg['warmup'], cfg['repeat']))
         print(suite_line(rows[-1], peaks))
     del t
+    # the preset's whole schedule at these step times (a fading step costs somewhat more)
+    hours = sum(tcfg['phase_kimg'][row['res']] * 1000 / row['batch'] * row['ms_per_step'] / 1000 for row in rows) / 3600
+    if rows:
+        print(f'{cfg["preset"]} schedule ({sum(tcfg["phase_kimg"][row["res"]] for row in rows):,} kimg to '
+              f'{rows[-1]["res"]} px) at these step times: {hours:.1f} hours on one device')
     for name in [o for o in cfg['compare'].split(',') if o]:
         if in_budget(f'{name} at {top}x{top}'):
             tt, ttcfg = suite_trainer(cfg, dev, top, **OPTIONS[name])
@@ -309,8 +314,8 @@ def run_suite(cfg, dev):
     loader = suite_loader(tcfg, dev, top) if in_budget('data loader') else {}
     for r, row in loader.items():
         print(f'data loader {r}x{r}: {row["img_per_s"]:.0f} img/s (batch {row["batch"]}, {row["num_workers"]} workers)')
-    return dict(suite='gpu', preset=cfg['preset'], peak_flops=peaks, resolutions=rows, options=options,
-                data_loader=loader, not_run=not_run, minutes=(time.time() - t_start) / 60)
+    return dict(suite='gpu', preset=cfg['preset'], peak_flops=peaks, resolutions=rows, schedule_hours=hours,
+                options=options, data_loader=loader, not_run=not_run, minutes=(time.time() - t_start) / 60)
 
 
 def suite_line(row, peaks):

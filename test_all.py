@@ -2557,6 +2557,9 @@ def test_bench_gpu_suite_walks_the_schedule_and_compares_the_options(tmp_path):
         assert row['ms_per_step'] > 0 and row['tflop_per_step'] > 0 and row['launches'] > 0
     four, eight = got['resolutions']
     assert eight['tflop_per_step'] > 3 * four['tflop_per_step'] and eight['launches'] > four['launches']
+    steps = {4: 12_000 / 32, 8: 30_000 / 32}                   # the shapes preset's kimg per phase / batch
+    want = sum(steps[r['res']] * r['ms_per_step'] / 1000 for r in got['resolutions']) / 3600
+    assert got['schedule_hours'] == pytest.approx(want)
     assert set(got['options']) == {'float32', 'channels_last'} and got['options']['float32']['res'] == 8
     assert set(got['data_loader']) == {'4', '8'} and got['not_run'] == [] and got['peak_flops']['float32'] > 0
     B.main({**{k: getattr(B, k) for k in B.CONFIG_KEYS}, 'suite': 'gpu', 'preset': 'shapes', 'max_res': 8,
