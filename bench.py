@@ -284,7 +284,7 @@ def run_suite(cfg, dev):
         print(f'{what}: not run (past --budget_minutes={cfg["budget_minutes"]})')
         return False
 
-    size = 8192 if dev.type == 'cuda' else 2048
+    size = 8192 if dev.type == 'cuda' else 1024
     peaks = {name: peak_flops(dev, dt, size) for name, dt in (('bfloat16', torch.bfloat16), ('float32', torch.float32))}
     print(f'matmul peak ({size}-square where it runs under 0.1 s): bfloat16 {peaks["bfloat16"] / 1e12:.1f}, '
           f'float32{" (TF32)" if dev.type == "cuda" else ""} {peaks["float32"] / 1e12:.1f} TFLOP/s')
@@ -338,17 +338,17 @@ def main(cfg):
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     machine = torch.cuda.get_device_name(dev) if dev.type == 'cuda' else f'{cpu_name()}, {torch.get_num_threads()} threads'
+    results = dict(device=str(dev), machine=machine, torch=torch.__version__, options={k: cfg[k] for k in CONFIG_KEYS})
+    if cfg['suite'] == 'gpu':                              # its own peaks, dtypes and options
+        print(f'device {dev} ({machine}) | torch {torch.__version__}')
+        return write_results({**results, **run_suite(cfg, dev)}, cfg['out'])
     peak = peak_flops(dev, dt)
     print(f'device {dev} ({machine}) | dtype {cfg["dtype"]} | compile {cfg["compile"]} | channels_last '
           f'{cfg["channels_last"]} | torch {torch.__version__} | matmul peak {peak / 1e9:.1f} GFLOP/s')
     if dt != torch.float32 and peak < peak_flops(dev, torch.float32, 512):
         print(f'note: {cfg["dtype"]} matmuls are slower than float32 here: this device emulates {cfg["dtype"]} '
               f'(a CPU without AVX-512 BF16 / AMX); use --dtype=float32 on it')
-    results = dict(device=str(dev), machine=machine, torch=torch.__version__, peak_flops=peak,
-                   options={k: cfg[k] for k in CONFIG_KEYS}, results={})
-    if cfg['suite'] == 'gpu':
-        results.update(run_suite(cfg, dev))
-        return write_results(results, cfg['out'])
+    results.update(peak_flops=peak, results={})
 
     def report(what, seconds, flops, note, images):
         achieved = flops / seconds if flops else 0.0
