@@ -29,7 +29,6 @@ from dataclasses import asdict, replace
 
 import torch
 import torch.distributed as dist
-from torchvision.utils import save_image
 
 import data
 import losses
@@ -633,6 +632,8 @@ def write_grid(t, reals, res, alpha):
     small = torch.nn.functional.adaptive_avg_pool2d(reals.float() / 127.5 - 1, res)
     grid = sample_grid(t.ema, t.encoder, small, t.sample_z, res, alpha)
     grid = torch.nn.functional.interpolate(grid, scale_factor=max(1, 64 // res), mode='nearest')
+    # imported here: torchvision.utils imports torchvision.models, 2 s of every process's start on a CPU
+    from torchvision.utils import save_image
     save_image(grid, path, nrow=8)                        # small phases enlarged to 64 px tiles
     return path
 
