@@ -14,6 +14,7 @@ Every measurement prints one line and goes into bench.json (out). Times are medi
 runs after `warmup`. FLOPs are counted with torch.utils.flop_counter; utilisation is the achieved
 FLOP/s over this device's own peak, measured with a large matmul in the same dtype.
 """
+import io
 import json
 import math
 import os
@@ -191,6 +192,13 @@ def bench_data(cfg, dev, report):
         folder = data.make_loader(source, r, b)
         seconds = timed(lambda: next(folder), dev, 2, 10)
         report('data_folder_64', seconds, 0, 'folder from the per-resolution cache, batch 64', images=b)
+    # what an uncached LSUN read costs: a webp record, short side 256 as LSUN's, of a photo
+    from PIL import Image
+    im = Image.open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'assets', 'astronaut.jpg')).convert('RGB')
+    buf = io.BytesIO()
+    im.resize((340, 256)).save(buf, format='WEBP', quality=75)
+    seconds = timed(lambda: data.crop_resize(data.open_rgb(io.BytesIO(buf.getvalue())), 4), dev, 2, 20)
+    report('data_lsun_record', seconds, 0, 'one 340x256 webp photo decoded and resized to 4x4', images=1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -327,6 +335,10 @@ def suite_line(row, peaks):
 
 
 def main(cfg):
+    unknown = [o for o in cfg['compare'].split(',') if o and o not in OPTIONS]
+    if unknown or cfg['preset'] not in train.PRESETS:
+        raise SystemExit(f'error: --compare takes {", ".join(OPTIONS)}, got {", ".join(unknown)}' if unknown else
+                         f'error: --preset={cfg["preset"]!r} is not a preset; choose one of {", ".join(train.PRESETS)}')
     try:
         dev = model.resolve_device(cfg['device'])
         cfg = {**cfg, 'dtype': model.resolve_dtype(cfg['dtype'], dev)}

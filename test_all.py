@@ -2542,7 +2542,7 @@ def test_bench_runs_every_part_and_writes_json(tmp_path):
             'warmup': 0, 'repeat': 1, 'channels_last': True, 'out': str(out)})     # bfloat16: the train fast-path test
     results = json.load(open(out))['results']
     assert set(results) == {'train_iteration', 'encoder_8_batch1', 'encoder_8_batch16', 'decoder_8_batch4',
-                            'data_shapes_64', 'data_folder_64'}
+                            'data_shapes_64', 'data_folder_64', 'data_lsun_record'}
     assert results['train_iteration']['flops'] > 0 and 0 < results['train_iteration']['utilisation'] < 1
 
 
@@ -2566,6 +2566,11 @@ def test_bench_gpu_suite_walks_the_schedule_and_compares_the_options(tmp_path):
             'compare': 'float32', 'budget_minutes': 0, 'out': str(out)})
     got = json.load(open(out))
     assert got['not_run'] == ['4x4', '8x8', 'float32 at 8x8', 'data loader'] and got['resolutions'] == []
+    defaults = {k: getattr(B, k) for k in B.CONFIG_KEYS}
+    with pytest.raises(SystemExit, match='--compare takes float32, bfloat16, channels_last, compile, got fp8'):
+        B.main({**defaults, 'suite': 'gpu', 'compare': 'float32,fp8'})
+    with pytest.raises(SystemExit, match="--preset='cifar' is not a preset; choose one of shapes, celebahq"):
+        B.main({**defaults, 'suite': 'gpu', 'preset': 'cifar'})
 
 
 # ---------------------------------------------------------------------------------------------
