@@ -1248,7 +1248,8 @@ def test_lsun_resized_once_into_a_cache_up_to_lsun_cache_res(tmp_path, capsys):
         assert torch.equal(train.load(i, 16), direct.load(k, 16)) and train.load(i, 16)[0, 0, 0] == 20 * k
     assert not (path / '.automodulator_cache' / '16x16.u8').exists()    # above lsun_cache_res: read from the lmdb
     logs.clear()
-    assert len(source('lsun_cars', str(path), 'train', log=logs.append, **cfg)) == 5 and not any('cach' in m for m in logs)  # reused
+    again = source('lsun_cars', str(path), 'train', log=logs.append, **cfg)
+    assert len(again) == 5 and not any('cach' in m for m in logs)                     # reused, not rebuilt
     with pytest.warns(UserWarning):
         source('lsun_cars', str(path), 'train', log=logs.append, **{**cfg, 'max_images': 8})
     assert any('stale' in m for m in logs) and any('caching 8 images' in m for m in logs)
@@ -1951,8 +1952,8 @@ def test_compiled_run_over_three_resolutions_stays_compiled_and_equals_eager(tmp
     # that flips a near-zero gradient moves a weight by lr, and training amplifies it (at lr 1e-3 the two
     # runs part by 3e-3 in 15 steps); at a small lr they stay on one path and the losses compare the graphs
     from torch._dynamo.utils import counters
-    eager = _log(run_train(tmp_path / 'eager', total_kimg=0.12, lr=1e-5) and tmp_path / 'eager')
-    capsys.readouterr()
+    run_train(tmp_path / 'eager', total_kimg=0.12, lr=1e-5)
+    eager, _ = _log(tmp_path / 'eager'), capsys.readouterr()
     graphs = counters['stats']['unique_graphs']
     run_train(tmp_path / 'compiled', total_kimg=0.12, lr=1e-5, compile=True)
     out, compiled = capsys.readouterr().out, _log(tmp_path / 'compiled')
@@ -2548,9 +2549,9 @@ def test_bench_runs_every_part_and_writes_json(tmp_path):
 
 def test_bench_gpu_suite_walks_the_schedule_and_compares_the_options(tmp_path):
     import bench as B
-    out = tmp_path / 'bench.json'
-    B.main({**{k: getattr(B, k) for k in B.CONFIG_KEYS}, 'suite': 'gpu', 'preset': 'shapes', 'max_res': 8,
-            'compare': 'float32,channels_last', 'warmup': 1, 'repeat': 1, 'out': str(out)})
+    out, defaults = tmp_path / 'bench.json', {k: getattr(B, k) for k in B.CONFIG_KEYS}
+    B.main({**defaults, 'suite': 'gpu', 'preset': 'shapes', 'max_res': 8, 'compare': 'float32,channels_last',
+            'warmup': 1, 'repeat': 1, 'out': str(out)})
     got = json.load(open(out))
     assert [r['res'] for r in got['resolutions']] == [4, 8] and [r['batch'] for r in got['resolutions']] == [32, 32]
     for row in got['resolutions'] + list(got['options'].values()):
@@ -2562,11 +2563,10 @@ def test_bench_gpu_suite_walks_the_schedule_and_compares_the_options(tmp_path):
     assert got['schedule_hours'] == pytest.approx(want)
     assert set(got['options']) == {'float32', 'channels_last'} and got['options']['float32']['res'] == 8
     assert set(got['data_loader']) == {'4', '8'} and got['not_run'] == [] and got['peak_flops']['float32'] > 0
-    B.main({**{k: getattr(B, k) for k in B.CONFIG_KEYS}, 'suite': 'gpu', 'preset': 'shapes', 'max_res': 8,
-            'compare': 'float32', 'budget_minutes': 0, 'out': str(out)})
+    B.main({**defaults, 'suite': 'gpu', 'preset': 'shapes', 'max_res': 8, 'compare': 'float32', 'budget_minutes': 0,
+            'out': str(out)})
     got = json.load(open(out))
     assert got['not_run'] == ['4x4', '8x8', 'float32 at 8x8', 'data loader'] and got['resolutions'] == []
-    defaults = {k: getattr(B, k) for k in B.CONFIG_KEYS}
     with pytest.raises(SystemExit, match='--compare takes float32, bfloat16, channels_last, compile, got fp8'):
         B.main({**defaults, 'suite': 'gpu', 'compare': 'float32,fp8'})
     with pytest.raises(SystemExit, match="--preset='cifar' is not a preset; choose one of shapes, celebahq"):
